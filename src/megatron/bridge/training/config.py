@@ -1,0 +1,475 @@
+"""Typed configuration for a training run.
+
+`ConfigContainer` groups one dataclass per component. Recipes return a complete container; users
+shrink it by assigning fields (`cfg.train.train_iters = 10`) before calling `pretrain`, which calls
+`ConfigContainer.validate()` before any work starts. Every failed check raises a `ValueError`
+that names the field, the offending value and what is allowed.
+
+The model config is the model provider itself (`megatron.bridge.models.GPTModelProvider`), as in
+Megatron Bridge: its fields describe the architecture and `provide()` builds it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from megatron.bridge.models.gpt_provider import GPTModelProvider
+
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "WSD")
+WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
+WEIGHT_DECAY_INCR_STYLES = ("constant", "linear", "cosine")
+OPTIMIZERS = ("adam", "sgd")
+MIXED_PRECISION_RECIPES = ("bf16_mixed", "fp16_mixed", "fp32")
+TOKENIZER_TYPES = ("NullTokenizer", "HuggingFaceTokenizer")
+CKPT_FORMATS = ("torch_dist",)
+DATALOADER_TYPES = ("single", "cyclic")
+DIST_BACKENDS = ("nccl", "gloo")
+
+
+def config_error(field_name: str, value: Any, allowed: str) -> ValueError:
+    """The error every config check raises: `<field>=<value> is invalid: <allowed>`."""
+    return ValueError(f"{field_name}={value!r} is invalid: {allowed}")
+
+
+def _check_positive(field_name: str, value: Any, *, optional: bool = True) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        allowed = "a positive integer" + (" or None" if optional else "")
+        raise config_error(field_name, value, allowed)
+
+
+def _check_choice(field_name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise config_error(field_name, value, f"choose one of {', '.join(choices)}")
+
+
+def _check_fraction(field_name: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise config_error(field_name, value, "a probability in [0, 1)")
+
+
+@dataclass(kw_only=True)
+class TrainingConfig:
+    """How long to train and with which batch sizes."""
+
+    train_iters: int | None = None
+    """Number of optimizer steps to train for."""
+    global_batch_size: int = 32
+    """Samples per optimizer step, summed over micro-batches and data-parallel ranks."""
+    micro_batch_size: int = 2
+    """Samples per forward/backward pass on one rank."""
+    exit_interval: int | None = None
+    """Stop (after saving) once the step count is a multiple of this."""
+    exit_duration_in_mins: float | None = None
+    """Stop (after saving) once training has run for this many minutes."""
+    exit_signal_handler: bool = False
+    """On SIGTERM/SIGINT, finish the current step, save and return."""
+    manual_gc: bool = False
+    """Disable Python's automatic garbage collector and collect every `manual_gc_interval` steps."""
+    manual_gc_interval: int = 0
+    """Steps between manual collections (0: only at the start and end of training)."""
+
+    def validate(self) -> None:
+        _check_positive("train.train_iters", self.train_iters)
+        _check_positive("train.global_batch_size", self.global_batch_size, optional=False)
+        _check_positive("train.micro_batch_size", self.micro_batch_size, optional=False)
+        _check_positive("train.exit_interval", self.exit_interval)
+        if self.exit_duration_in_mins is not None and not self.exit_duration_in_mins > 0:
+            raise config_error("train.exit_duration_in_mins", self.exit_duration_in_mins, "a positive number or None")
+        if not isinstance(self.manual_gc_interval, int) or self.manual_gc_interval < 0:
+            raise config_error("train.manual_gc_interval", self.manual_gc_interval, "an integer >= 0")
+
+
+@dataclass(kw_only=True)
+class ValidationConfig:
+    """When and how long to evaluate on the validation split."""
+
+    eval_interval: int | None = 1000
+    """Validate every this many steps during training (None: only after training)."""
+    eval_iters: int = 100
+    """Batches per validation or test pass (0 disables validation and test)."""
+    skip_train: bool = False
+    """Skip training and only run the post-training validation and test passes."""
+
+    def validate(self) -> None:
+        _check_positive("validation.eval_interval", self.eval_interval)
+        if not isinstance(self.eval_iters, int) or self.eval_iters < 0:
+            raise config_error("validation.eval_iters", self.eval_iters, "an integer >= 0")
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    """The optimizer and its hyper-parameters."""
+
+    optimizer: str = "adam"
+    """`adam` (decoupled weight decay, i.e. AdamW) or `sgd`."""
+    lr: float = 1e-4
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Learning rate at the end of decay."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay (not applied to biases and norm weights)."""
+    adam_beta1: float = 0.9
+    """Adam's first-moment coefficient."""
+    adam_beta2: float = 0.999
+    """Adam's second-moment coefficient."""
+    adam_eps: float = 1e-8
+    """Adam's denominator epsilon."""
+    sgd_momentum: float = 0.9
+    """Momentum for `sgd`."""
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this value (0 disables clipping and the norm)."""
+    bf16: bool = False
+    """Train with bf16 compute (set by `mixed_precision="bf16_mixed"`)."""
+    fp16: bool = False
+    """Train with fp16 compute and loss scaling (set by `mixed_precision="fp16_mixed"`)."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state across data-parallel ranks (FSDP2)."""
+
+    def validate(self) -> None:
+        _check_choice("optimizer.optimizer", self.optimizer, OPTIMIZERS)
+        if not self.lr > 0:
+            raise config_error("optimizer.lr", self.lr, "a positive number")
+        if self.min_lr < 0:
+            raise config_error("optimizer.min_lr", self.min_lr, "a number >= 0")
+        if self.min_lr > self.lr:
+            raise config_error("optimizer.min_lr", self.min_lr, f"at most optimizer.lr={self.lr}")
+        if self.weight_decay < 0:
+            raise config_error("optimizer.weight_decay", self.weight_decay, "a number >= 0")
+        _check_fraction("optimizer.adam_beta1", self.adam_beta1)
+        _check_fraction("optimizer.adam_beta2", self.adam_beta2)
+        if not self.adam_eps > 0:
+            raise config_error("optimizer.adam_eps", self.adam_eps, "a positive number")
+        if self.clip_grad < 0:
+            raise config_error("optimizer.clip_grad", self.clip_grad, "a number >= 0 (0 disables clipping)")
+        if self.bf16 and self.fp16:
+            raise config_error("optimizer.fp16", self.fp16, "False when optimizer.bf16=True (pick one precision)")
+
+
+@dataclass(kw_only=True)
+class SchedulerConfig:
+    """Learning-rate warm-up and decay, and the weight-decay schedule."""
+
+    lr_decay_style: str = "linear"
+    """constant, linear, cosine or WSD (warmup-stable-decay)."""
+    lr_warmup_iters: int = 0
+    """Steps of linear warm-up from `lr_warmup_init` to `optimizer.lr`."""
+    lr_warmup_init: float = 0.0
+    """Learning rate at step 0 of warm-up."""
+    lr_decay_iters: int | None = None
+    """Step at which decay reaches `optimizer.min_lr` (None: `train.train_iters`)."""
+    lr_wsd_decay_iters: int | None = None
+    """With WSD: the number of final decay steps (None: 10% of the decay span)."""
+    lr_wsd_decay_style: str = "exponential"
+    """With WSD: the shape of the final decay (linear, cosine, exponential, minus_sqrt)."""
+    start_weight_decay: float | None = None
+    """Weight decay at step 0 (None: `optimizer.weight_decay`)."""
+    end_weight_decay: float | None = None
+    """Weight decay at the end of the increment (None: `optimizer.weight_decay`)."""
+    weight_decay_incr_style: str = "constant"
+    """How weight decay moves from start to end: constant, linear or cosine."""
+    override_opt_param_scheduler: bool = False
+    """On resume, take the schedule from this config rather than from the checkpoint."""
+
+    def validate(self) -> None:
+        _check_choice("scheduler.lr_decay_style", self.lr_decay_style, LR_DECAY_STYLES)
+        _check_choice("scheduler.lr_wsd_decay_style", self.lr_wsd_decay_style, WSD_DECAY_STYLES)
+        _check_choice("scheduler.weight_decay_incr_style", self.weight_decay_incr_style, WEIGHT_DECAY_INCR_STYLES)
+        if not isinstance(self.lr_warmup_iters, int) or self.lr_warmup_iters < 0:
+            raise config_error("scheduler.lr_warmup_iters", self.lr_warmup_iters, "an integer >= 0")
+        if self.lr_warmup_init < 0:
+            raise config_error("scheduler.lr_warmup_init", self.lr_warmup_init, "a number >= 0")
+        _check_positive("scheduler.lr_decay_iters", self.lr_decay_iters)
+        _check_positive("scheduler.lr_wsd_decay_iters", self.lr_wsd_decay_iters)
+        for name in ("start_weight_decay", "end_weight_decay"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise config_error(f"scheduler.{name}", value, "a number >= 0 or None")
+
+
+@dataclass(kw_only=True)
+class GPTDatasetConfig:
+    """Where training samples come from; with no `blend` and no `data_path`, seeded mock data."""
+
+    seq_length: int = 4096
+    """Tokens per sample; must equal `model.seq_length`."""
+    random_seed: int = 1234
+    """Seed for building and shuffling the datasets."""
+    blend: Any = None
+    """Indexed datasets to train on, with optional weights (None: mock data)."""
+    split: str = "969,30,1"
+    """Relative sizes of the train, validation and test splits, e.g. "969,30,1"."""
+    data_path: Any = None
+    """Alternative to `blend`: one path prefix or a list of them."""
+    reset_position_ids: bool = False
+    """Restart position ids at every end-of-document token."""
+    reset_attention_mask: bool = False
+    """Stop attention across end-of-document tokens."""
+    eod_mask_loss: bool = False
+    """Exclude end-of-document tokens from the loss."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+    dataloader_type: str = "single"
+    """`single` (each sample once, in order) or `cyclic` (wrap around when exhausted)."""
+
+    @property
+    def uses_mock_data(self) -> bool:
+        """True when no real data source is configured."""
+        return self.blend is None and self.data_path is None
+
+    def split_weights(self) -> tuple[float, float, float]:
+        """The train/validation/test fractions parsed from `split`."""
+        parts = [p.strip() for p in str(self.split).replace("/", ",").split(",")]
+        try:
+            values = [float(p) for p in parts]
+        except ValueError:
+            values = []
+        if len(values) not in (1, 2, 3) or any(v < 0 or math.isnan(v) for v in values) or sum(values) <= 0:
+            raise config_error("dataset.split", self.split, 'up to three non-negative numbers, e.g. "969,30,1"')
+        values += [0.0] * (3 - len(values))
+        total = sum(values)
+        return values[0] / total, values[1] / total, values[2] / total
+
+    def validate(self) -> None:
+        _check_positive("dataset.seq_length", self.seq_length, optional=False)
+        _check_choice("dataset.dataloader_type", self.dataloader_type, DATALOADER_TYPES)
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise config_error("dataset.num_workers", self.num_workers, "an integer >= 0")
+        self.split_weights()
+        if not self.uses_mock_data:
+            raise config_error(
+                "dataset.blend", self.blend if self.blend is not None else self.data_path,
+                "None: this version trains on mock data only (indexed datasets are not supported yet)",
+            )
+
+
+@dataclass(kw_only=True)
+class MockGPTDatasetConfig(GPTDatasetConfig):
+    """A dataset config that always serves the seeded mock data."""
+
+
+@dataclass(kw_only=True)
+class TokenizerConfig:
+    """Which tokenizer turns text into ids; with mock data only its vocabulary size matters."""
+
+    tokenizer_type: str = "NullTokenizer"
+    """NullTokenizer (ids are given) or HuggingFaceTokenizer."""
+    tokenizer_model: str | None = None
+    """Path of a Hugging Face tokenizer folder or tokenizer.json."""
+    vocab_size: int | None = None
+    """Vocabulary size of the NullTokenizer."""
+
+    def validate(self) -> None:
+        _check_choice("tokenizer.tokenizer_type", self.tokenizer_type, TOKENIZER_TYPES)
+        if self.tokenizer_type == "NullTokenizer":
+            _check_positive("tokenizer.vocab_size", self.vocab_size, optional=False)
+        else:
+            raise config_error(
+                "tokenizer.tokenizer_type", self.tokenizer_type,
+                "NullTokenizer: Hugging Face tokenizers are not supported yet",
+            )
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """Where and how often to save, and what to load at start."""
+
+    save: str | None = None
+    """Directory to save checkpoints into (None: never save)."""
+    save_interval: int | None = None
+    """Save every this many steps (None: only at the end of training)."""
+    load: str | None = None
+    """Directory to resume from (None: `save`, when it holds a checkpoint)."""
+    most_recent_k: int = -1
+    """Keep only this many newest checkpoints (-1: keep all)."""
+    save_optim: bool = True
+    """Save optimizer and scheduler state."""
+    save_rng: bool = True
+    """Save random number generator states."""
+    load_optim: bool = True
+    """Restore optimizer and scheduler state on resume."""
+    load_rng: bool = True
+    """Restore random number generator states on resume."""
+    finetune: bool = False
+    """Load model weights only from `load` and start at step 0."""
+    pretrained_checkpoint: str | None = None
+    """Checkpoint to take initial model weights from (step 0, fresh optimizer)."""
+    ckpt_format: str = "torch_dist"
+    """On-disk format: torch_dist (torch.distributed.checkpoint)."""
+    async_save: bool = False
+    """Write checkpoints in the background while training continues."""
+
+    def validate(self) -> None:
+        _check_positive("checkpoint.save_interval", self.save_interval)
+        _check_choice("checkpoint.ckpt_format", self.ckpt_format, CKPT_FORMATS)
+        if not isinstance(self.most_recent_k, int) or self.most_recent_k == 0 or self.most_recent_k < -1:
+            raise config_error("checkpoint.most_recent_k", self.most_recent_k, "-1 (keep all) or a positive integer")
+
+
+@dataclass(kw_only=True)
+class LoggerConfig:
+    """Console, TensorBoard and Weights & Biases logging."""
+
+    log_interval: int = 100
+    """Print a log line every this many steps."""
+    tensorboard_dir: str | None = None
+    """Write TensorBoard event files here (None: no TensorBoard)."""
+    log_timers_to_tensorboard: bool = False
+    """Also write step timings to TensorBoard."""
+    log_throughput: bool = True
+    """Show tokens/s and model TFLOP/s per device in the log line."""
+    wandb_project: str | None = None
+    """Log to this Weights & Biases project (needs the `wandb` extra)."""
+    wandb_exp_name: str | None = None
+    """Run name in Weights & Biases."""
+    wandb_save_dir: str | None = None
+    """Local directory for Weights & Biases files."""
+    wandb_entity: str | None = None
+    """Weights & Biases team or user."""
+
+    def validate(self) -> None:
+        _check_positive("logger.log_interval", self.log_interval, optional=False)
+
+
+@dataclass(kw_only=True)
+class RNGConfig:
+    """Random seeds."""
+
+    seed: int = 1234
+    """Seed for Python, NumPy and torch (model initialisation, dropout)."""
+
+    def validate(self) -> None:
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise config_error("rng.seed", self.seed, "an integer >= 0")
+
+
+@dataclass(kw_only=True)
+class DistributedDataParallelConfig:
+    """How gradients are reduced across data-parallel ranks."""
+
+    grad_reduce_in_fp32: bool = False
+    """Reduce gradients in fp32 even when training in bf16/fp16."""
+    overlap_grad_reduce: bool = False
+    """Overlap the gradient all-reduce with the backward pass."""
+    check_for_nan_in_grad: bool = False
+    """Raise an error naming the step when the gradient norm is not finite (instead of skipping)."""
+    use_distributed_optimizer: bool = False
+    """Shard parameters, gradients and optimizer state across ranks (FSDP2)."""
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass(kw_only=True)
+class DistributedInitConfig:
+    """How the process group is created."""
+
+    distributed_backend: str | None = None
+    """nccl or gloo (None: nccl on GPU, gloo on CPU)."""
+    distributed_timeout_minutes: int = 10
+    """Timeout of collective operations."""
+
+    def validate(self) -> None:
+        if self.distributed_backend is not None:
+            _check_choice("dist.distributed_backend", self.distributed_backend, DIST_BACKENDS)
+        _check_positive("dist.distributed_timeout_minutes", self.distributed_timeout_minutes, optional=False)
+
+
+@dataclass(kw_only=True)
+class ConfigContainer:
+    """Everything a run needs; `pretrain` validates it before any work starts."""
+
+    model: GPTModelProvider
+    train: TrainingConfig
+    optimizer: OptimizerConfig
+    dataset: GPTDatasetConfig
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    rng: RNGConfig = field(default_factory=RNGConfig)
+    ddp: DistributedDataParallelConfig = field(default_factory=DistributedDataParallelConfig)
+    dist: DistributedInitConfig = field(default_factory=DistributedInitConfig)
+    mixed_precision: str | None = None
+    """bf16_mixed, fp16_mixed, fp32 or None (None: from optimizer.bf16 / optimizer.fp16)."""
+
+    def validate(self, *, data_parallel_size: int = 1) -> None:
+        """Check every field and every cross-field rule; raise `ValueError` on the first failure."""
+        for sub in (self.train, self.validation, self.optimizer, self.scheduler, self.dataset,
+                    self.tokenizer, self.checkpoint, self.logger, self.rng, self.ddp, self.dist):
+            sub.validate()
+        self.model.validate()
+        self._validate_precision()
+        self._validate_batch(data_parallel_size)
+        if self.model.seq_length != self.dataset.seq_length:
+            raise config_error(
+                "dataset.seq_length", self.dataset.seq_length,
+                f"equal to model.seq_length={self.model.seq_length}",
+            )
+        if self.model.vocab_size is not None and self.tokenizer.vocab_size is not None:
+            if self.model.vocab_size < self.tokenizer.vocab_size:
+                raise config_error(
+                    "model.vocab_size", self.model.vocab_size,
+                    f"at least tokenizer.vocab_size={self.tokenizer.vocab_size} (or None to follow it)",
+                )
+        if not self.validation.skip_train and self.train.train_iters is None:
+            raise config_error("train.train_iters", None, "a positive integer (or set validation.skip_train=True)")
+        decay_iters = self.scheduler.lr_decay_iters or self.train.train_iters
+        if decay_iters is not None and self.scheduler.lr_warmup_iters > decay_iters:
+            raise config_error(
+                "scheduler.lr_warmup_iters", self.scheduler.lr_warmup_iters,
+                f"at most the decay span ({decay_iters} steps)",
+            )
+
+    def _validate_precision(self) -> None:
+        if self.mixed_precision is None:
+            return
+        _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION_RECIPES)
+        conflict = (self.mixed_precision == "bf16_mixed" and self.optimizer.fp16) or (
+            self.mixed_precision == "fp16_mixed" and self.optimizer.bf16
+        )
+        if conflict:
+            raise config_error(
+                "mixed_precision", self.mixed_precision,
+                f"consistent with optimizer.bf16={self.optimizer.bf16} and optimizer.fp16={self.optimizer.fp16}",
+            )
+
+    def _validate_batch(self, data_parallel_size: int) -> None:
+        gbs, mbs = self.train.global_batch_size, self.train.micro_batch_size
+        if gbs % (mbs * data_parallel_size) != 0:
+            raise config_error(
+                "train.global_batch_size", gbs,
+                f"a multiple of micro_batch_size ({mbs}) x data-parallel size ({data_parallel_size})",
+            )
+
+    @property
+    def compute_dtype(self) -> str:
+        """The autocast precision this config asks for: "bf16", "fp16" or "fp32"."""
+        if self.mixed_precision == "bf16_mixed" or (self.mixed_precision is None and self.optimizer.bf16):
+            return "bf16"
+        if self.mixed_precision == "fp16_mixed" or (self.mixed_precision is None and self.optimizer.fp16):
+            return "fp16"
+        return "fp32"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain, YAML-serialisable view of the whole config."""
+        return {f.name: _to_plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def _to_plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        plain = {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {"_target_": f"{type(value).__module__}.{type(value).__qualname__}", **plain}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _to_plain(v) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)

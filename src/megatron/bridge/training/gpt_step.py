@@ -1,0 +1,50 @@
+"""The default forward step for GPT pretraining: fetch a batch, run the model, return a loss function."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import Any
+
+import torch
+
+from megatron.bridge.training.state import GlobalState
+
+BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+
+
+def get_batch(data_iterator: Iterator[dict[str, torch.Tensor]], device: torch.device) -> dict[str, torch.Tensor]:
+    """The next micro-batch, moved to `device` (asynchronously when the source is pinned memory)."""
+    batch = next(data_iterator)
+    missing = [key for key in BATCH_KEYS if key not in batch]
+    if missing:
+        raise ValueError(f"batch is missing {missing}; a batch must hold {', '.join(BATCH_KEYS)}")
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+def masked_next_token_loss(
+    loss_mask: torch.Tensor, output_tensor: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Sum of per-token losses where `loss_mask` is set, the number of such tokens, and the report.
+
+    Returning the sum and the count (not the mean) lets the trainer normalise by the number of
+    tokens in the whole global batch, so every token weighs the same whatever micro-batch it is in.
+    """
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = torch.sum(output_tensor.reshape(-1).float() * mask)
+    num_tokens = mask.sum()
+    report = torch.stack([loss_sum.detach(), num_tokens])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def forward_step(
+    state: GlobalState, data_iterator: Iterator[dict[str, torch.Tensor]], model: torch.nn.Module,
+    return_schedule_plan: bool = False,
+) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
+    """Run one micro-batch through `model`; return per-token losses and the function that reduces them."""
+    assert not return_schedule_plan, "schedule plans are a pipeline-parallel feature this package does not have"
+    batch = get_batch(data_iterator, next(model.parameters()).device)
+    output_tensor = model(
+        batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"]
+    )
+    return output_tensor, partial(masked_next_token_loss, batch["loss_mask"])

@@ -1,0 +1,157 @@
+"""The log line, TensorBoard / W&B scalars, and model FLOPs.
+
+Model FLOPs per token (the formula behind TFLOP/s and MFU):
+
+    6 * N  +  6 * num_layers * seq_length * (num_attention_heads * kv_channels)
+
+N counts every weight a token's forward pass multiplies by: all parameters except the input
+embedding, plus the output layer (with tied embeddings the shared matrix is counted once, as the
+output layer). The factor 6 is 2 FLOPs per multiply-add times 3 for forward plus backward. The
+second term is causal self-attention: QK^T and AV cost 2 * d * S each per token, halved by the causal
+mask, times 3.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from datetime import datetime
+
+import torch
+
+from megatron.bridge.training.distributed import print_rank_0
+from megatron.bridge.training.state import GlobalState
+
+# Dense bf16 peak rates per device, in TFLOP/s, for MFU.
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def model_flops_per_token(model: torch.nn.Module, *, num_layers: int, seq_length: int, attention_width: int) -> float:
+    """Training FLOPs per token by the formula in this module's docstring."""
+    params = {id(p): p for p in model.parameters()}
+    total = sum(p.numel() for p in params.values())
+    embedding = getattr(model, "embedding", None)
+    output_layer = getattr(model, "output_layer", None)
+    if embedding is not None and output_layer is not None:
+        total -= embedding.weight.numel()  # untied: the input lookup does no multiplies
+    return 6.0 * total + 6.0 * num_layers * seq_length * attention_width
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak in TFLOP/s, when known."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((rate for key, rate in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+@dataclass
+class StepResult:
+    """What one training step produced."""
+
+    loss_dict: dict[str, torch.Tensor]
+    """Token-weighted mean losses over the global batch (0-dim tensors, on the device)."""
+    grad_norm: float | None
+    """Total gradient norm before clipping; None when not computed."""
+    skipped_iter: bool
+    """True when the update was not applied."""
+    num_tokens: int
+    """Tokens processed in the step, summed over ranks."""
+
+
+class MetricsLogger:
+    """Prints a Megatron-style line every `log_interval` steps and writes the same scalars."""
+
+    def __init__(self, state: GlobalState, *, flops_per_token: float, world_size: int,
+                 device: torch.device) -> None:
+        self.state = state
+        self.flops_per_token = flops_per_token
+        self.world_size = world_size
+        self.peak_tflops = peak_tflops(device)
+        self._reset_window()
+
+    def _reset_window(self) -> None:
+        self._loss_sums: dict[str, torch.Tensor] = {}
+        self._steps = 0
+        self._skipped = 0
+        self._nan = 0
+        self._tokens = 0
+        self._window_start = time.perf_counter()
+
+    def maybe_log(self, result: StepResult, *, learning_rate: float) -> None:
+        """Accumulate one step; print and write scalars when the step is a multiple of log_interval."""
+        self._steps += 1
+        self._tokens += result.num_tokens
+        if result.skipped_iter:
+            self._skipped += 1
+            self._nan += int(result.grad_norm is not None and not math.isfinite(result.grad_norm))
+        else:
+            for name, value in result.loss_dict.items():
+                # Stays on the device: summing here costs no host sync.
+                self._loss_sums[name] = self._loss_sums.get(name, 0.0) + value.detach()
+        step = self.state.train_state.step
+        if step % self.state.cfg.logger.log_interval == 0:
+            self._log(step, result, learning_rate)
+            self._reset_window()
+
+    def _log(self, step: int, result: StepResult, learning_rate: float) -> None:
+        cfg = self.state.cfg
+        elapsed = time.perf_counter() - self._window_start
+        ms_per_step = 1000.0 * elapsed / self._steps
+        applied = max(self._steps - self._skipped, 1)
+        losses = {name: float(total) / applied for name, total in self._loss_sums.items()}
+        tokens_per_s = self._tokens / elapsed / self.world_size
+        tflops = tokens_per_s * self.flops_per_token / 1e12
+        scalars = {"learning-rate": learning_rate, **losses, "iteration-time": elapsed / self._steps,
+                   "tokens-per-second-per-device": tokens_per_s, "throughput-tflops-per-device": tflops}
+        parts = [
+            f"iteration {step:8d}/{cfg.train.train_iters:8d}",
+            f"consumed samples: {self.state.train_state.consumed_train_samples:12d}",
+            f"elapsed time per iteration (ms): {ms_per_step:.1f}",
+            f"learning rate: {learning_rate:.6E}",
+            f"global batch size: {cfg.train.global_batch_size:5d}",
+            *(f"{name}: {value:.6E}" for name, value in losses.items()),
+        ]
+        if result.grad_norm is not None:
+            parts.append(f"grad norm: {result.grad_norm:.3f}")
+            scalars["grad-norm"] = result.grad_norm
+        parts += [f"number of skipped iterations: {self._skipped:3d}", f"number of nan iterations: {self._nan:3d}"]
+        if cfg.logger.log_throughput:
+            parts += [f"tokens per second per device: {tokens_per_s:.0f}",
+                      f"throughput per device (TFLOP/s): {tflops:.3f}"]
+            if self.peak_tflops:
+                parts.append(f"MFU: {100.0 * tflops / self.peak_tflops:.1f}%")
+        print_rank_0(f" [{datetime.now():%Y-%m-%d %H:%M:%S}] " + " | ".join(parts) + " |")
+        self._write_scalars(scalars, step)
+
+    def _write_scalars(self, scalars: dict[str, float], step: int) -> None:
+        writer = self.state.tensorboard_logger
+        if writer is not None:
+            for name, value in scalars.items():
+                if name == "iteration-time" and not self.state.cfg.logger.log_timers_to_tensorboard:
+                    continue
+                writer.add_scalar(name, value, step)
+        wandb_run = self.state.wandb_logger
+        if wandb_run is not None:
+            wandb_run.log(scalars, step=step)
+
+
+def log_eval_losses(state: GlobalState, label: str, total_loss_dict: dict[str, torch.Tensor]) -> None:
+    """Print and write validation or test losses and their perplexities."""
+    step = state.train_state.step
+    parts, scalars = [], {}
+    for name, value in total_loss_dict.items():
+        loss = float(value)
+        ppl = math.exp(min(20.0, loss))
+        parts.append(f"{name} value: {loss:.6E} | {name} PPL: {ppl:.6E}")
+        scalars[f"{name} {label}"] = loss
+        scalars[f"{name} {label} ppl"] = ppl
+    line = f" {label} loss at iteration {step} | " + " | ".join(parts)
+    print_rank_0("-" * len(line) + "\n" + line + "\n" + "-" * len(line))
+    writer = state.tensorboard_logger
+    if writer is not None:
+        for name, value in scalars.items():
+            writer.add_scalar(name, value, step)
+    if state.wandb_logger is not None:
+        state.wandb_logger.log(scalars, step=step)

@@ -1,0 +1,54 @@
+"""`pretrain`: validate the config, build the run, train, validate and test, tear down."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from megatron.bridge.training.callbacks import Callback, CallbackManager, normalize_callbacks
+from megatron.bridge.training.config import ConfigContainer
+from megatron.bridge.training.state import GlobalState
+
+
+def pretrain(
+    config: ConfigContainer,
+    forward_step_func: Callable[..., Any],
+    callbacks: CallbackManager | Callback | list[Callback] | None = None,
+) -> None:
+    """Pretrain `config.model` on `config.dataset`, firing the callbacks' events along the way.
+
+    Args:
+        config: the run's configuration; validated before any work starts.
+        forward_step_func: `forward_step(state, data_iterator, model)` returning
+            `(output_tensor, loss_func)`; the `(data_iterator, model)` form is accepted too.
+        callbacks: a `CallbackManager`, a `Callback`, a list of them, or None.
+    """
+    from megatron.bridge.training import distributed
+    from megatron.bridge.training.eval import evaluate
+    from megatron.bridge.training.forward_backward import adapt_forward_step
+    from megatron.bridge.training.setup import setup
+    from megatron.bridge.training.train import train
+
+    manager = normalize_callbacks(callbacks)
+    forward_step = adapt_forward_step(forward_step_func)
+    _resolve_vocab_size(config)
+    config.validate(data_parallel_size=distributed.launched_world_size())
+    dist_ctx = distributed.initialize(config.dist)
+    state = GlobalState(config)
+    try:
+        run = setup(state, forward_step, manager, dist_ctx)
+        completed = True
+        if not config.validation.skip_train:
+            completed = train(run)
+        if completed:
+            evaluate(run, "eval")
+            evaluate(run, "test")
+    finally:
+        state.close_loggers()
+        distributed.teardown(dist_ctx)
+
+
+def _resolve_vocab_size(config: ConfigContainer) -> None:
+    # The recipes leave model.vocab_size unset so that the model follows the tokenizer.
+    if config.model.vocab_size is None:
+        config.model.vocab_size = config.tokenizer.vocab_size

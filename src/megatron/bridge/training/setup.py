@@ -1,0 +1,103 @@
+"""Building every component of a run, in order, from a validated `ConfigContainer`."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from megatron.bridge.data.loaders import DataIterators, build_data_iterators
+from megatron.bridge.training.callbacks import CallbackContext, CallbackManager, should_fire
+from megatron.bridge.training.checkpointing import CheckpointManager
+from megatron.bridge.training.distributed import DistributedContext, print_rank_0
+from megatron.bridge.training.forward_backward import ForwardStep
+from megatron.bridge.training.metrics import MetricsLogger, model_flops_per_token
+from megatron.bridge.training.mixed_precision import MixedPrecision
+from megatron.bridge.training.optim import OptimizerParamScheduler, setup_optimizer
+from megatron.bridge.training.state import GlobalState
+
+
+@dataclass
+class SetupOutput:
+    """Everything the training and evaluation loops use."""
+
+    state: GlobalState
+    model: list[torch.nn.Module]
+    optimizer: torch.optim.Optimizer
+    scheduler: OptimizerParamScheduler
+    forward_step: ForwardStep
+    callbacks: CallbackManager | None
+    data: DataIterators
+    checkpointer: CheckpointManager
+    metrics: MetricsLogger
+    precision: MixedPrecision
+    dist: DistributedContext
+    num_microbatches: int
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and every GPU)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def setup(state: GlobalState, forward_step: ForwardStep, callbacks: CallbackManager | None,
+          dist_ctx: DistributedContext) -> SetupOutput:
+    """Seed, build the model and optimizer, load any checkpoint, then build the data iterators."""
+    cfg = state.cfg
+    set_seed(cfg.rng.seed)
+    model = [cfg.model.provide().to(dist_ctx.device)]
+    optimizer, scheduler = setup_optimizer(cfg.optimizer, cfg.scheduler, model, train_iters=cfg.train.train_iters or 0)
+    checkpointer = CheckpointManager(cfg.checkpoint, state=state, callbacks=callbacks)
+    checkpointer.load(model=model, optimizer=optimizer, scheduler=scheduler)
+
+    if should_fire(callbacks, "on_data_init_start"):
+        callbacks.fire("on_data_init_start", CallbackContext(
+            state=state, model=model, user_state=callbacks.user_state, optimizer=optimizer, scheduler=scheduler,
+        ))
+    data = _build_data(state, dist_ctx)
+
+    num_microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dist_ctx.world_size)
+    flops = model_flops_per_token(
+        model[0], num_layers=cfg.model.num_layers, seq_length=cfg.model.seq_length,
+        attention_width=cfg.model.num_attention_heads * cfg.model.resolved_kv_channels,
+    )
+    metrics = MetricsLogger(state, flops_per_token=flops, world_size=dist_ctx.world_size, device=dist_ctx.device)
+    print_rank_0(_describe(cfg, model[0], dist_ctx, num_microbatches))
+    return SetupOutput(
+        state=state, model=model, optimizer=optimizer, scheduler=scheduler, forward_step=forward_step,
+        callbacks=callbacks, data=data, checkpointer=checkpointer, metrics=metrics,
+        precision=MixedPrecision(cfg.compute_dtype, dist_ctx.device), dist=dist_ctx,
+        num_microbatches=num_microbatches,
+    )
+
+
+def _build_data(state: GlobalState, dist_ctx: DistributedContext) -> DataIterators:
+    cfg, train_state = state.cfg, state.train_state
+    gbs = cfg.train.global_batch_size
+    train_iters = 0 if cfg.validation.skip_train else cfg.train.train_iters
+    eval_iters = cfg.validation.eval_iters
+    # Size the validation stream for every in-training pass plus the final one.
+    eval_passes = (train_iters // cfg.validation.eval_interval if cfg.validation.eval_interval else 0) + 1
+    return build_data_iterators(
+        cfg.dataset, vocab_size=cfg.tokenizer.vocab_size, micro_batch_size=cfg.train.micro_batch_size,
+        global_batch_size=gbs, train_samples=train_iters * gbs, valid_samples=eval_passes * eval_iters * gbs,
+        test_samples=eval_iters * gbs, consumed_train_samples=train_state.consumed_train_samples,
+        consumed_valid_samples=train_state.consumed_valid_samples, dp_rank=dist_ctx.rank,
+        dp_size=dist_ctx.world_size,
+    )
+
+
+def _describe(cfg: Any, model: torch.nn.Module, dist_ctx: DistributedContext, num_microbatches: int) -> str:
+    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return (
+        f"> model: {params / 1e6:.2f}M parameters, {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
+        f"vocab {cfg.model.padded_vocab_size}, seq {cfg.model.seq_length}\n"
+        f"> training on {dist_ctx.world_size} x {dist_ctx.device.type}, precision {cfg.compute_dtype}, "
+        f"global batch {cfg.train.global_batch_size} = {num_microbatches} micro-batches of "
+        f"{cfg.train.micro_batch_size} x {dist_ctx.world_size} ranks"
+    )

@@ -1,0 +1,178 @@
+"""Run-wide state: the training counters, named timers and the loggers.
+
+`GlobalState` is what callbacks see as `context.state`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from megatron.bridge.training.config import ConfigContainer
+
+
+@dataclass
+class TrainState:
+    """Counters that describe how far training has gone; saved in every checkpoint."""
+
+    step: int = 0
+    """Optimizer steps completed."""
+    consumed_train_samples: int = 0
+    """Training samples consumed (step x global batch size)."""
+    skipped_train_samples: int = 0
+    """Samples of steps whose update was skipped (non-finite gradients)."""
+    consumed_valid_samples: int = 0
+    """Validation samples consumed so far (the validation stream continues across passes)."""
+    floating_point_operations_so_far: float = 0
+    """Model FLOPs of all training steps so far."""
+    do_train: bool = False
+    """Whether this run trains."""
+    do_valid: bool = False
+    """Whether this run validates."""
+    do_test: bool = False
+    """Whether this run tests."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The counters as plain Python values."""
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore counters saved by `state_dict`; unknown keys raise `KeyError`."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = set(state_dict) - names
+        if unknown:
+            raise KeyError(f"unknown TrainState keys: {sorted(unknown)}")
+        for key, value in state_dict.items():
+            setattr(self, key, type(getattr(self, key))(value))
+
+
+class Timer:
+    """A named wall-clock timer that accumulates across start/stop pairs."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._elapsed = 0.0
+        self._started_at: float | None = None
+
+    @staticmethod
+    def _sync() -> None:
+        # GPU work is asynchronous: without a sync a timer would measure only the launch.
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+
+    def start(self) -> None:
+        """Start timing; starting a running timer is an error."""
+        assert self._started_at is None, f"timer {self.name!r} is already running"
+        self._sync()
+        self._started_at = time.perf_counter()
+
+    def stop(self) -> None:
+        """Stop timing and add the interval to the total."""
+        assert self._started_at is not None, f"timer {self.name!r} is not running"
+        self._sync()
+        self._elapsed += time.perf_counter() - self._started_at
+        self._started_at = None
+
+    @property
+    def active(self) -> bool:
+        """True while the timer runs."""
+        return self._started_at is not None
+
+    def elapsed(self, reset: bool = True) -> float:
+        """Seconds accumulated (including a running interval); `reset` zeroes the total."""
+        total = self._elapsed
+        if self._started_at is not None:
+            now = time.perf_counter()
+            total += now - self._started_at
+            if reset:
+                self._started_at = now
+        if reset:
+            self._elapsed = 0.0
+        return total
+
+
+class Timers:
+    """A registry of named timers: `timers("forward").start()`."""
+
+    def __init__(self) -> None:
+        self._timers: dict[str, Timer] = {}
+
+    def __call__(self, name: str) -> Timer:
+        """The timer called `name`, created on first use."""
+        timer = self._timers.get(name)
+        if timer is None:
+            timer = self._timers[name] = Timer(name)
+        return timer
+
+    def names(self) -> list[str]:
+        """Names of all timers created so far."""
+        return list(self._timers)
+
+
+class GlobalState:
+    """The config, training counters, timers and loggers of one run."""
+
+    def __init__(self, cfg: ConfigContainer | None = None) -> None:
+        self.cfg = cfg
+        self.train_state = TrainState()
+        self.timers = Timers()
+        self.start_time = time.time()
+        """Wall-clock time at which `pretrain` started (for `exit_duration_in_mins`)."""
+        self._tensorboard_logger: Any = None
+        self._wandb_logger: Any = None
+        self._loggers_made = False
+
+    @property
+    def tensorboard_logger(self) -> Any:
+        """A `SummaryWriter` on rank 0 when `logger.tensorboard_dir` is set, else None."""
+        self._make_loggers()
+        return self._tensorboard_logger
+
+    @property
+    def wandb_logger(self) -> Any:
+        """The `wandb` run on rank 0 when `logger.wandb_project` is set, else None."""
+        self._make_loggers()
+        return self._wandb_logger
+
+    def _make_loggers(self) -> None:
+        if self._loggers_made or self.cfg is None:
+            return
+        self._loggers_made = True
+        if _rank() != 0:
+            return
+        log_cfg = self.cfg.logger
+        if log_cfg.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tensorboard_logger = SummaryWriter(log_dir=log_cfg.tensorboard_dir, max_queue=1000)
+        if log_cfg.wandb_project:
+            try:
+                import wandb
+            except ImportError as err:
+                raise ValueError(
+                    f"logger.wandb_project={log_cfg.wandb_project!r} needs wandb: "
+                    "pip install 'megatron-bridge-lite[wandb]'"
+                ) from err
+            self._wandb_logger = wandb.init(
+                project=log_cfg.wandb_project, name=log_cfg.wandb_exp_name, dir=log_cfg.wandb_save_dir,
+                entity=log_cfg.wandb_entity, config=self.cfg.to_dict(),
+            )
+
+    def close_loggers(self) -> None:
+        """Flush and close the loggers this state opened."""
+        if self._tensorboard_logger is not None:
+            self._tensorboard_logger.close()
+            self._tensorboard_logger = None
+        if self._wandb_logger is not None:
+            self._wandb_logger.finish()
+            self._wandb_logger = None
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

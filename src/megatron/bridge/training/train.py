@@ -1,0 +1,127 @@
+"""The training loop and one training step; fires the four on_train_* events."""
+
+from __future__ import annotations
+
+import gc
+import math
+from typing import Any
+
+import torch
+
+from megatron.bridge.training.callbacks import CallbackContext, should_fire
+from megatron.bridge.training.distributed import print_rank_0
+from megatron.bridge.training.eval import evaluate
+from megatron.bridge.training.exit_conditions import ExitConditions
+from megatron.bridge.training.forward_backward import run_microbatches
+from megatron.bridge.training.metrics import StepResult
+from megatron.bridge.training.optim import get_grad_norm_and_clip
+from megatron.bridge.training.setup import SetupOutput
+
+
+def train(run: SetupOutput) -> bool:
+    """Train until `train_iters`; return False when an early-stop condition ended training."""
+    state, callbacks, cfg = run.state, run.callbacks, run.state.cfg
+    train_state = state.train_state
+    for chunk in run.model:
+        chunk.train()
+    if should_fire(callbacks, "on_train_start"):
+        callbacks.fire("on_train_start", _context(run))
+    stop_reason = None
+    with ExitConditions(cfg.train, start_time=state.start_time, device=run.dist.device) as exit_conditions, \
+            _manual_gc(cfg.train.manual_gc, cfg.train.manual_gc_interval) as collect_garbage:
+        while train_state.step < cfg.train.train_iters:
+            if should_fire(callbacks, "on_train_step_start"):
+                callbacks.fire("on_train_step_start", _context(run))
+            result = train_step(run)
+            if should_fire(callbacks, "on_train_step_end"):
+                callbacks.fire("on_train_step_end", _context(
+                    run, loss_dict=result.loss_dict, grad_norm=result.grad_norm, skipped_iter=result.skipped_iter,
+                ))
+            train_state.step += 1
+            train_state.consumed_train_samples += cfg.train.global_batch_size
+            train_state.floating_point_operations_so_far += run.metrics.flops_per_token * result.num_tokens
+            run.metrics.maybe_log(result, learning_rate=run.scheduler.get_lr())
+            if _should_validate(cfg, train_state.step):
+                evaluate(run, "eval")
+            run.checkpointer.maybe_save(train_state.step, model=run.model, optimizer=run.optimizer,
+                                        scheduler=run.scheduler)
+            collect_garbage(train_state.step)
+            stop_reason = exit_conditions.check(train_state.step)
+            if stop_reason:
+                break
+    run.checkpointer.save_final(train_state.step, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler)
+    if stop_reason:
+        print_rank_0(f"> stopping early after iteration {train_state.step}: {stop_reason}")
+        return False
+    if should_fire(callbacks, "on_train_end"):
+        callbacks.fire("on_train_end", _context(run))
+    return True
+
+
+def train_step(run: SetupOutput) -> StepResult:
+    """One optimizer step over `num_microbatches` micro-batches, gradients normalised per token."""
+    cfg, optimizer = run.state.cfg, run.optimizer
+    optimizer.zero_grad(set_to_none=True)
+    report = run_microbatches(
+        run.forward_step, run.state, run.data.train, run.model[0], num_microbatches=run.num_microbatches,
+        autocast=run.precision.autocast, backward=run.precision.backward_fn(),
+    )
+    report.all_reduce()
+    run.precision.unscale_(optimizer)
+    _divide_grads(run.model, report.num_tokens)
+    norm = get_grad_norm_and_clip(run.model, cfg.optimizer.clip_grad)
+    grad_norm = None if norm is None else norm.item()  # host sync: the skip decision needs the value
+    finite = grad_norm is None or math.isfinite(grad_norm)
+    if not finite and cfg.ddp.check_for_nan_in_grad:
+        raise RuntimeError(
+            f"gradient norm is {grad_norm} at iteration {run.state.train_state.step + 1} "
+            "(ddp.check_for_nan_in_grad=True; set it to False to skip such updates instead)"
+        )
+    run.precision.step(optimizer, apply=finite)
+    if finite:
+        run.scheduler.step(1)
+    else:
+        run.state.train_state.skipped_train_samples += cfg.train.global_batch_size
+    return StepResult(loss_dict=report.means(), grad_norm=grad_norm, skipped_iter=not finite,
+                      num_tokens=cfg.train.global_batch_size * cfg.model.seq_length)
+
+
+def _divide_grads(model: list[torch.nn.Module], num_tokens: torch.Tensor) -> None:
+    # Micro-batches back-propagate loss sums; dividing once by the global token count gives the
+    # gradient of the token-weighted mean over the whole global batch.
+    grads = [p.grad for chunk in model for p in chunk.parameters() if p.grad is not None]
+    if grads:
+        torch._foreach_div_(grads, num_tokens.clamp(min=1).to(grads[0].device))
+
+
+def _should_validate(cfg: Any, step: int) -> bool:
+    interval = cfg.validation.eval_interval
+    return bool(interval) and cfg.validation.eval_iters > 0 and step % interval == 0
+
+
+def _context(run: SetupOutput, **fields: Any) -> CallbackContext:
+    callbacks = run.callbacks
+    assert callbacks is not None
+    return CallbackContext(state=run.state, model=run.model, user_state=callbacks.user_state,
+                           optimizer=run.optimizer, scheduler=run.scheduler, **fields)
+
+
+class _manual_gc:  # noqa: N801 - used like a function in a `with` statement
+    """Disable automatic garbage collection and collect every `interval` steps (when enabled)."""
+
+    def __init__(self, enabled: bool, interval: int) -> None:
+        self.enabled, self.interval = enabled, interval
+
+    def __enter__(self):
+        if self.enabled:
+            gc.disable()
+            gc.collect()
+        return self
+
+    def __call__(self, step: int) -> None:
+        if self.enabled and self.interval and step % self.interval == 0:
+            gc.collect()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            gc.enable()
