@@ -35,6 +35,7 @@ def pretrain(
     config.validate(data_parallel_size=distributed.launched_world_size())
     dist_ctx = distributed.initialize(config.dist)
     state = GlobalState(config)
+    run = None
     try:
         run = setup(state, forward_step, manager, dist_ctx)
         completed = True
@@ -44,6 +45,8 @@ def pretrain(
             evaluate(run, "eval")
             evaluate(run, "test")
     finally:
+        if run is not None:
+            run.checkpointer.close()
         state.close_loggers()
         distributed.teardown(dist_ctx)
 

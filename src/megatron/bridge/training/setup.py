@@ -52,8 +52,10 @@ def setup(state: GlobalState, forward_step: ForwardStep, callbacks: CallbackMana
     set_seed(cfg.rng.seed)
     model = [cfg.model.provide().to(dist_ctx.device)]
     optimizer, scheduler = setup_optimizer(cfg.optimizer, cfg.scheduler, model, train_iters=cfg.train.train_iters or 0)
-    checkpointer = CheckpointManager(cfg.checkpoint, state=state, callbacks=callbacks)
-    checkpointer.load(model=model, optimizer=optimizer, scheduler=scheduler)
+    precision = MixedPrecision(cfg.compute_dtype, dist_ctx.device)
+    checkpointer = CheckpointManager(cfg.checkpoint, state=state, callbacks=callbacks, model=model,
+                                     optimizer=optimizer, scheduler=scheduler, precision=precision)
+    checkpointer.load()
 
     if should_fire(callbacks, "on_data_init_start"):
         callbacks.fire("on_data_init_start", CallbackContext(
@@ -71,7 +73,7 @@ def setup(state: GlobalState, forward_step: ForwardStep, callbacks: CallbackMana
     return SetupOutput(
         state=state, model=model, optimizer=optimizer, scheduler=scheduler, forward_step=forward_step,
         callbacks=callbacks, data=data, checkpointer=checkpointer, metrics=metrics,
-        precision=MixedPrecision(cfg.compute_dtype, dist_ctx.device), dist=dist_ctx,
+        precision=precision, dist=dist_ctx,
         num_microbatches=num_microbatches,
     )
 

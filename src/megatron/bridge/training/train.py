@@ -24,6 +24,9 @@ def train(run: SetupOutput) -> bool:
     train_state = state.train_state
     for chunk in run.model:
         chunk.train()
+    if train_state.step >= cfg.train.train_iters:
+        print_rank_0(f"> already trained {train_state.step} of train.train_iters={cfg.train.train_iters} "
+                     "iterations: nothing to train")
     if should_fire(callbacks, "on_train_start"):
         callbacks.fire("on_train_start", _context(run))
     stop_reason = None
@@ -43,13 +46,12 @@ def train(run: SetupOutput) -> bool:
             run.metrics.maybe_log(result, learning_rate=run.scheduler.get_lr())
             if _should_validate(cfg, train_state.step):
                 evaluate(run, "eval")
-            run.checkpointer.maybe_save(train_state.step, model=run.model, optimizer=run.optimizer,
-                                        scheduler=run.scheduler)
+            run.checkpointer.maybe_save(train_state.step)
             collect_garbage(train_state.step)
             stop_reason = exit_conditions.check(train_state.step)
             if stop_reason:
                 break
-    run.checkpointer.save_final(train_state.step, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler)
+    run.checkpointer.save_final(train_state.step)
     if stop_reason:
         print_rank_0(f"> stopping early after iteration {train_state.step}: {stop_reason}")
         return False

@@ -1,0 +1,237 @@
+"""The on-disk checkpoint format: Megatron's layout, written atomically, read without unpickling.
+
+    <save>/latest_checkpointed_iteration.txt     newest complete step, plain text
+    <save>/iter_0000010/                          one complete checkpoint
+        .metadata, __*_*.distcp                   tensors (model, optimizer) via torch.distributed.checkpoint
+        common.json                               train state, scheduler, optimizer hyper-parameters, ...
+        rng_rank_00000.json                       each rank's Python, NumPy, torch and CUDA RNG states
+        run_config.yaml                           the run's configuration
+
+A checkpoint is written into `.tmp_iter_0000010/`, every file is flushed to disk, and only then
+is the directory renamed into place and the tracker replaced; so an `iter_*` directory is always
+complete, and a kill at any instant leaves the previous checkpoint loadable.
+
+Nothing is ever unpickled freely: tensors are read with `torch.load(weights_only=True)`, the
+`.metadata` index with an unpickler that accepts only the checkpoint index's own classes, and
+everything else is JSON or YAML read with safe loaders.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+COMMON_FILE = "common.json"
+CONFIG_FILE = "run_config.yaml"
+_ITER_DIR = re.compile(r"^iter_(\d{7,})$")
+_TMP_PREFIX, _TRASH_PREFIX = ".tmp_", ".trash_"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: missing, corrupt, tampered with or incompatible."""
+
+
+def iteration_dir(root: str | os.PathLike, step: int) -> Path:
+    """`<root>/iter_0000007` for step 7."""
+    return Path(root) / f"iter_{step:07d}"
+
+
+def temporary_dir(root: str | os.PathLike, step: int) -> Path:
+    """Where the checkpoint of `step` is written before it is renamed into place."""
+    return Path(root) / f"{_TMP_PREFIX}iter_{step:07d}"
+
+
+def find_latest(root: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint under `root`, `root` itself if it is one, else None."""
+    root = Path(root)
+    if _ITER_DIR.match(root.name) and root.is_dir():
+        return root
+    if not root.is_dir():
+        return None
+    steps = [int(m.group(1)) for p in root.iterdir() if (m := _ITER_DIR.match(p.name)) and p.is_dir()]
+    return iteration_dir(root, max(steps)) if steps else None
+
+
+def list_iterations(root: str | os.PathLike) -> list[int]:
+    """Steps of all complete checkpoints under `root`, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in root.iterdir() if (m := _ITER_DIR.match(p.name)) and p.is_dir())
+
+
+def write_file_durably(path: Path, data: bytes) -> None:
+    """Write `data` to `path` and flush it to the disk."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Durably write `obj` as JSON."""
+    write_file_durably(path, json.dumps(obj, indent=1, sort_keys=True).encode())
+
+
+def read_json(path: Path) -> Any:
+    """Read a JSON file of a checkpoint, naming the file on failure."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read {path}: {err}") from err
+
+
+def prepare_temporary_dir(root: Path, step: int) -> Path:
+    """Remove leftovers of interrupted saves and deletions, then create a fresh temporary directory."""
+    root.mkdir(parents=True, exist_ok=True)
+    for leftover in root.iterdir():
+        if leftover.name.startswith((_TMP_PREFIX, _TRASH_PREFIX)):
+            shutil.rmtree(leftover, ignore_errors=True)
+    tmp = temporary_dir(root, step)
+    tmp.mkdir()
+    return tmp
+
+
+def commit(root: Path, step: int) -> Path:
+    """Rename the finished temporary directory into place, then point the tracker at it."""
+    tmp, final = temporary_dir(root, step), iteration_dir(root, step)
+    for path in tmp.iterdir():
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if final.exists():  # an older run's checkpoint of the same step: retire it first
+        _retire(final)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    tracker_tmp = root / f"{_TMP_PREFIX}{TRACKER_FILE}"
+    write_file_durably(tracker_tmp, f"{step}\n".encode())
+    os.replace(tracker_tmp, root / TRACKER_FILE)
+    _fsync_dir(root)
+    return final
+
+
+def _retire(path: Path) -> None:
+    # Renaming first makes the deletion atomic: a kill mid-way leaves a `.trash_` directory
+    # that no loader looks at, never a half-deleted `iter_*` one.
+    trash = path.with_name(f"{_TRASH_PREFIX}{path.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def delete_old(root: Path, keep: int) -> list[int]:
+    """Delete all but the newest `keep` checkpoints; return the deleted steps."""
+    steps = list_iterations(root)
+    doomed = steps[:-keep] if keep > 0 else []
+    for step in doomed:
+        _retire(iteration_dir(root, step))
+    return doomed
+
+
+# ---------------------------------------------------------------------------- safe tensor reading
+
+_ALLOWED_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in ("Metadata", "MetadataIndex", "ChunkStorageMetadata", "TensorStorageMetadata",
+                 "BytesStorageMetadata", "TensorProperties", "StorageMeta", "_MEM_FORMAT_ENCODING")
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch._utils", "_get_layout"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _IndexUnpickler(pickle.Unpickler):
+    """Unpickles a checkpoint index: its own classes and dtypes only, never a callable of a payload."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """A `FileSystemReader` whose index is read by `_IndexUnpickler` instead of `pickle.load`."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = Path(self.path) / ".metadata"
+        try:
+            metadata = _IndexUnpickler(io.BytesIO(path.read_bytes())).load()
+        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as err:
+            raise CheckpointError(f"cannot read checkpoint index {path}: {err}") from err
+        if not isinstance(metadata, Metadata):
+            raise CheckpointError(f"{path} is not a torch.distributed.checkpoint index")
+        if getattr(metadata, "storage_meta", None) is not None:
+            metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _TensorsOnlyLoadPlanner(DefaultLoadPlanner):
+    """Loads tensors only: a non-tensor entry would be read with `torch.load(weights_only=False)`."""
+
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        raise CheckpointError(f"checkpoint entry {read_item.dest_index.fqn!r} is not a tensor; refusing to load it")
+
+
+def save_tensors(state_dict: dict[str, Any], directory: Path, process_group: Any = None) -> None:
+    """Write a (nested) dict of tensors with torch.distributed.checkpoint; every rank calls this."""
+    dcp.save(state_dict, storage_writer=dcp.FileSystemWriter(directory, sync_files=True),
+             process_group=process_group)
+
+
+def read_index(directory: Path) -> Metadata:
+    """The tensor index of a checkpoint, read safely."""
+    return SafeFileSystemReader(directory).read_metadata()
+
+
+def check_compatible(directory: Path, shapes: dict[str, torch.Size], index: Metadata, *, strict_prefix: str) -> None:
+    """Raise `CheckpointError` naming the checkpoint and every missing, unexpected or mis-shaped tensor.
+
+    Tensors the checkpoint holds under `strict_prefix` that `shapes` lacks count as unexpected.
+    """
+    stored = {k: v for k, v in index.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
+    problems = []
+    missing = sorted(set(shapes) - set(stored))
+    unexpected = sorted(k for k in set(stored) - set(shapes) if k.startswith(strict_prefix))
+    for label, keys in (("missing tensors", missing), ("unexpected tensors", unexpected)):
+        if keys:
+            problems.append(f"{label} {keys[:8]}{' ...' if len(keys) > 8 else ''}")
+    for key in sorted(set(shapes) & set(stored)):
+        if tuple(stored[key].size) != tuple(shapes[key]):
+            problems.append(f"{key}: checkpoint has shape {tuple(stored[key].size)}, this run has {tuple(shapes[key])}")
+    if problems:
+        raise CheckpointError(f"checkpoint {directory} does not fit this run: " + "; ".join(problems))
+
+
+def load_tensors(state_dict: dict[str, Any], directory: Path, process_group: Any = None) -> None:
+    """Fill the tensors of `state_dict` in place from a checkpoint, reading nothing but tensors."""
+    dcp.load(state_dict, storage_reader=SafeFileSystemReader(directory), planner=_TensorsOnlyLoadPlanner(),
+             process_group=process_group)
