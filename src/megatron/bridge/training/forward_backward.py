@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron.bridge.training.parallelize import set_grad_sync
 from megatron.bridge.training.state import GlobalState
 
 ForwardStep = Callable[[GlobalState, Iterator[Any], torch.nn.Module], tuple[torch.Tensor, Callable]]
@@ -98,7 +99,9 @@ def run_microbatches(
     """
     report: dict[str, torch.Tensor] = {}
     local_tokens: torch.Tensor | None = None
-    for _ in range(num_microbatches):
+    for index in range(num_microbatches):
+        if backward is not None:
+            set_grad_sync(model, index == num_microbatches - 1)
         with autocast():
             output_tensor, loss_func = forward_step(state, data_iterator, model)
             result = loss_func(output_tensor)

@@ -17,6 +17,7 @@ from megatron.bridge.training.forward_backward import ForwardStep
 from megatron.bridge.training.metrics import MetricsLogger, model_flops_per_token
 from megatron.bridge.training.mixed_precision import MixedPrecision
 from megatron.bridge.training.optim import OptimizerParamScheduler, setup_optimizer
+from megatron.bridge.training.parallelize import parallelize, uses_fsdp
 from megatron.bridge.training.state import GlobalState
 
 
@@ -50,7 +51,13 @@ def setup(state: GlobalState, forward_step: ForwardStep, callbacks: CallbackMana
     """Seed, build the model and optimizer, load any checkpoint, then build the data iterators."""
     cfg = state.cfg
     set_seed(cfg.rng.seed)
-    model = [cfg.model.provide().to(dist_ctx.device)]
+    raw_model = cfg.model.provide().to(dist_ctx.device)
+    flops = model_flops_per_token(
+        raw_model, num_layers=cfg.model.num_layers, seq_length=cfg.model.seq_length,
+        attention_width=cfg.model.num_attention_heads * cfg.model.resolved_kv_channels,
+    )
+    description = _describe(cfg, raw_model, dist_ctx)
+    model = [parallelize(raw_model, cfg, dist_ctx)]
     optimizer, scheduler = setup_optimizer(cfg.optimizer, cfg.scheduler, model, train_iters=cfg.train.train_iters or 0)
     precision = MixedPrecision(cfg.compute_dtype, dist_ctx.device)
     checkpointer = CheckpointManager(cfg.checkpoint, state=state, callbacks=callbacks, model=model,
@@ -64,12 +71,8 @@ def setup(state: GlobalState, forward_step: ForwardStep, callbacks: CallbackMana
     data = _build_data(state, dist_ctx)
 
     num_microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dist_ctx.world_size)
-    flops = model_flops_per_token(
-        model[0], num_layers=cfg.model.num_layers, seq_length=cfg.model.seq_length,
-        attention_width=cfg.model.num_attention_heads * cfg.model.resolved_kv_channels,
-    )
     metrics = MetricsLogger(state, flops_per_token=flops, world_size=dist_ctx.world_size, device=dist_ctx.device)
-    print_rank_0(_describe(cfg, model[0], dist_ctx, num_microbatches))
+    print_rank_0(f"{description}, {num_microbatches} micro-batches of {cfg.train.micro_batch_size} per rank")
     return SetupOutput(
         state=state, model=model, optimizer=optimizer, scheduler=scheduler, forward_step=forward_step,
         callbacks=callbacks, data=data, checkpointer=checkpointer, metrics=metrics,
@@ -94,12 +97,17 @@ def _build_data(state: GlobalState, dist_ctx: DistributedContext) -> DataIterato
     )
 
 
-def _describe(cfg: Any, model: torch.nn.Module, dist_ctx: DistributedContext, num_microbatches: int) -> str:
+def _describe(cfg: Any, model: torch.nn.Module, dist_ctx: DistributedContext) -> str:
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     return (
         f"> model: {params / 1e6:.2f}M parameters, {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
         f"vocab {cfg.model.padded_vocab_size}, seq {cfg.model.seq_length}\n"
-        f"> training on {dist_ctx.world_size} x {dist_ctx.device.type}, precision {cfg.compute_dtype}, "
-        f"global batch {cfg.train.global_batch_size} = {num_microbatches} micro-batches of "
-        f"{cfg.train.micro_batch_size} x {dist_ctx.world_size} ranks"
+        f"> training on {dist_ctx.world_size} x {dist_ctx.device.type} ({_parallelism(cfg, dist_ctx)}), "
+        f"precision {cfg.compute_dtype}, global batch {cfg.train.global_batch_size}"
     )
+
+
+def _parallelism(cfg: Any, dist_ctx: DistributedContext) -> str:
+    if dist_ctx.world_size == 1:
+        return "single process"
+    return "FSDP2" if uses_fsdp(cfg) else "DDP"

@@ -70,7 +70,8 @@ def train_step(run: SetupOutput) -> StepResult:
     )
     report.all_reduce()
     run.precision.unscale_(optimizer)
-    _divide_grads(run.model, report.num_tokens)
+    # DDP and FSDP average gradients over ranks; the loss must be averaged over tokens instead.
+    _divide_grads(run.model, report.num_tokens / run.dist.world_size)
     norm = get_grad_norm_and_clip(run.model, cfg.optimizer.clip_grad)
     grad_norm = None if norm is None else norm.item()  # host sync: the skip decision needs the value
     finite = grad_norm is None or math.isfinite(grad_norm)
@@ -88,12 +89,12 @@ def train_step(run: SetupOutput) -> StepResult:
                       num_tokens=cfg.train.global_batch_size * cfg.model.seq_length)
 
 
-def _divide_grads(model: list[torch.nn.Module], num_tokens: torch.Tensor) -> None:
+def _divide_grads(model: list[torch.nn.Module], divisor: torch.Tensor) -> None:
     # Micro-batches back-propagate loss sums; dividing once by the global token count gives the
     # gradient of the token-weighted mean over the whole global batch.
     grads = [p.grad for chunk in model for p in chunk.parameters() if p.grad is not None]
     if grads:
-        torch._foreach_div_(grads, num_tokens.clamp(min=1).to(grads[0].device))
+        torch._foreach_div_(grads, divisor.clamp(min=1e-8).to(grads[0].device))
 
 
 def _should_validate(cfg: Any, step: int) -> bool:

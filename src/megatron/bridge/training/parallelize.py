@@ -1,0 +1,66 @@
+"""Data parallelism: the one place that wraps the model for many ranks.
+
+- `DistributedDataParallel` by default: parameters and optimizer state replicated, gradients
+  all-reduced once per step (after the last micro-batch).
+- FSDP2 (`fully_shard` per transformer block, then the whole model) when
+  `ddp.use_distributed_optimizer` or `optimizer.use_distributed_optimizer` is set: parameters,
+  gradients and optimizer state sharded across ranks.
+
+In a world of one the model is left as it is.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
+from torch.nn.parallel import DistributedDataParallel
+
+from megatron.bridge.training.config import ConfigContainer
+from megatron.bridge.training.distributed import DistributedContext
+
+
+def uses_fsdp(cfg: ConfigContainer) -> bool:
+    """True when the config asks for sharded parameters and optimizer state."""
+    return cfg.ddp.use_distributed_optimizer or cfg.optimizer.use_distributed_optimizer
+
+
+def parallelize(model: torch.nn.Module, cfg: ConfigContainer, dist_ctx: DistributedContext) -> torch.nn.Module:
+    """Wrap `model` for data-parallel training across `dist_ctx.world_size` ranks."""
+    if dist_ctx.world_size == 1:
+        return model
+    if uses_fsdp(cfg):
+        return _apply_fsdp(model, cfg)
+    device_ids = [dist_ctx.device.index] if dist_ctx.device.type == "cuda" else None
+    wrapped = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    if cfg.compute_dtype == "bf16" and not cfg.ddp.grad_reduce_in_fp32:
+        # Megatron reduces gradients in the compute dtype unless told otherwise: half the traffic.
+        wrapped.register_comm_hook(state=None, hook=bf16_compress_hook)
+    return wrapped
+
+
+def _apply_fsdp(model: torch.nn.Module, cfg: ConfigContainer) -> torch.nn.Module:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    reduce_dtype = torch.bfloat16 if cfg.compute_dtype == "bf16" and not cfg.ddp.grad_reduce_in_fp32 else None
+    policy = MixedPrecisionPolicy(reduce_dtype=reduce_dtype)
+    for block in model.layers:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def set_grad_sync(model: torch.nn.Module, enabled: bool) -> None:
+    """Turn the gradient reduction of the next backward pass on or off.
+
+    Off for all but the last micro-batch of a step, so gradients are reduced once per step.
+    """
+    if isinstance(model, DistributedDataParallel):
+        # Toggling the flag rather than entering `no_sync()` keeps the micro-batch loop flat.
+        model.require_backward_grad_sync = enabled
+    elif hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(enabled)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DDP wrapper (FSDP2 shards in place, so there is nothing to unwrap)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
