@@ -12,6 +12,7 @@ Megatron Bridge: its fields describe the architecture and `provide()` builds it.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -334,6 +335,9 @@ class LoggerConfig:
 
     def validate(self) -> None:
         _check_positive("logger.log_interval", self.log_interval, optional=False)
+        if self.wandb_project and importlib.util.find_spec("wandb") is None:
+            raise config_error("logger.wandb_project", self.wandb_project,
+                               "None, or install wandb first: pip install 'megatron-bridge-lite[wandb]'")
 
 
 @dataclass(kw_only=True)
