@@ -58,7 +58,9 @@ def setup(state: GlobalState, forward_step: ForwardStep, callbacks: CallbackMana
     )
     description = _describe(cfg, raw_model, dist_ctx)
     model = [parallelize(raw_model, cfg, dist_ctx)]
-    optimizer, scheduler = setup_optimizer(cfg.optimizer, cfg.scheduler, model, train_iters=cfg.train.train_iters or 0)
+    # With skip_train there may be no train_iters: the schedule is never stepped but must still be valid.
+    schedule_span = cfg.train.train_iters or max(cfg.scheduler.lr_warmup_iters, 1)
+    optimizer, scheduler = setup_optimizer(cfg.optimizer, cfg.scheduler, model, train_iters=schedule_span)
     precision = MixedPrecision(cfg.compute_dtype, dist_ctx.device)
     checkpointer = CheckpointManager(cfg.checkpoint, state=state, callbacks=callbacks, model=model,
                                      optimizer=optimizer, scheduler=scheduler, precision=precision)

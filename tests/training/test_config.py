@@ -1,0 +1,247 @@
+"""Configuration: bad values fail before any work with a message naming field, value and what is allowed;
+the recipes hold the contract's values."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+import torch.distributed as dist
+
+from helpers import make_tiny_config
+from megatron.bridge.recipes.qwen import (
+    qwen25_1p5b_pretrain_config,
+    qwen25_7b_pretrain_config,
+    qwen25_500m_pretrain_config,
+)
+from megatron.bridge.training.callbacks import VALID_EVENTS, CallbackManager
+from megatron.bridge.training.config import ConfigContainer, GPTDatasetConfig
+from megatron.bridge.training.gpt_step import forward_step
+from megatron.bridge.training.pretrain import pretrain
+
+
+def _set(path, value):
+    def mutate(cfg):
+        target = cfg
+        *parents, name = path.split(".")
+        for part in parents:
+            target = getattr(target, part)
+        assert hasattr(target, name), path
+        setattr(target, name, value)
+
+    return mutate
+
+
+def _all(*mutations):
+    def mutate(cfg):
+        for m in mutations:
+            m(cfg)
+
+    return mutate
+
+
+# (id, mutation, field named in the message, fragments the message must also contain: value, what is allowed)
+BAD_CONFIGS = [
+    ("gbs_not_divisible_by_mbs", _all(_set("train.global_batch_size", 6), _set("train.micro_batch_size", 4)),
+     "global_batch_size", ["6", "micro_batch_size", "4"]),
+    ("heads_do_not_divide_hidden", _all(_set("model.num_attention_heads", 5), _set("model.num_query_groups", 1)),
+     "hidden_size", ["64", "num_attention_heads", "5"]),
+    ("query_groups_do_not_divide_heads", _set("model.num_query_groups", 3),
+     "num_query_groups", ["3", "num_attention_heads", "4"]),
+    ("seq_length_mismatch", _set("dataset.seq_length", 64),
+     "seq_length", ["64", "model.seq_length", "32"]),
+    ("eval_interval_0", _set("validation.eval_interval", 0),
+     "validation.eval_interval", ["=0", "positive integer"]),
+    ("log_interval_negative", _set("logger.log_interval", -1),
+     "logger.log_interval", ["-1", "positive integer"]),
+    ("save_interval_0", _set("checkpoint.save_interval", 0),
+     "checkpoint.save_interval", ["=0", "positive integer"]),
+    ("unknown_lr_decay_style", _set("scheduler.lr_decay_style", "step"),
+     "scheduler.lr_decay_style", ["'step'", "constant", "linear", "cosine", "WSD"]),
+    ("unknown_mixed_precision", _set("mixed_precision", "int8_mixed"),
+     "mixed_precision", ["'int8_mixed'", "bf16_mixed", "fp16_mixed"]),
+    ("min_lr_above_lr", _all(_set("optimizer.lr", 1e-3), _set("optimizer.min_lr", 0.5)),
+     "optimizer.min_lr", ["0.5", "optimizer.lr", "0.001"]),
+    ("unknown_optimizer", _set("optimizer.optimizer", "lamb"),
+     "optimizer.optimizer", ["'lamb'", "adam", "sgd"]),
+    ("negative_eval_iters", _set("validation.eval_iters", -2),
+     "validation.eval_iters", ["-2", ">= 0"]),
+    ("dropout_above_one", _set("model.hidden_dropout", 1.5),
+     "model.hidden_dropout", ["1.5", "[0, 1)"]),
+    ("attention_dropout_negative", _set("model.attention_dropout", -0.1),
+     "model.attention_dropout", ["-0.1", "[0, 1)"]),
+    ("tensor_parallel_2", _set("model.tensor_model_parallel_size", 2),
+     "model.tensor_model_parallel_size", ["2", "1"]),
+    ("warmup_longer_than_training", _all(_set("train.train_iters", 4), _set("scheduler.lr_warmup_iters", 10)),
+     "lr_warmup_iters", ["10", "4"]),
+    ("train_iters_none_without_skip_train", _set("train.train_iters", None),
+     "train.train_iters", ["None", "skip_train"]),
+    ("unknown_normalization", _set("model.normalization", "BatchNorm"),
+     "model.normalization", ["'BatchNorm'", "RMSNorm", "LayerNorm"]),
+    ("unknown_tokenizer_type", _set("tokenizer.tokenizer_type", "SentencePieceTokenizer"),
+     "tokenizer.tokenizer_type", ["'SentencePieceTokenizer'", "NullTokenizer"]),
+    ("micro_batch_0", _set("train.micro_batch_size", 0),
+     "train.micro_batch_size", ["0", "positive integer"]),
+    ("negative_learning_rate", _set("optimizer.lr", -1.0),
+     "optimizer.lr", ["-1.0", "positive"]),
+]
+
+
+class Recorder:
+    def __init__(self):
+        self.events = []
+        self.manager = CallbackManager()
+        for event in sorted(VALID_EVENTS):
+            self.manager.register(event, lambda context, _e=event: self.events.append(_e))
+
+
+@pytest.mark.parametrize(("mutate", "field", "fragments"), [c[1:] for c in BAD_CONFIGS],
+                         ids=[c[0] for c in BAD_CONFIGS])
+def test_bad_config_fails_before_any_work(chdir, mutate, field, fragments):
+    cfg = make_tiny_config(checkpoint__save=str(chdir / "ckpt"), checkpoint__save_interval=2,
+                           logger__tensorboard_dir=str(chdir / "tb"))
+    mutate(cfg)
+    calls = []
+
+    def forward(state, data_iterator, model):
+        calls.append(1)
+        return forward_step(state, data_iterator, model)
+
+    recorder = Recorder()
+    with pytest.raises(ValueError, match=re.escape(field)) as info:
+        pretrain(cfg, forward, callbacks=recorder.manager)
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+    assert calls == []
+    assert recorder.events == []
+    assert not dist.is_initialized()
+    assert sorted(os.listdir(chdir)) == []
+
+
+def test_bad_config_message_format_via_validate():
+    cfg = make_tiny_config(validation__eval_interval=0)
+    with pytest.raises(ValueError, match=r"^validation\.eval_interval=0 is invalid: "):
+        cfg.validate()
+
+
+def test_skip_train_allows_train_iters_none():
+    cfg = make_tiny_config(train__train_iters=None, validation__skip_train=True)
+    cfg.validate()
+
+
+def test_valid_tiny_config_validates():
+    make_tiny_config().validate()
+
+
+# --------------------------------------------------------------------------------------------- recipes
+
+
+@pytest.mark.parametrize("recipe", [qwen25_500m_pretrain_config, qwen25_1p5b_pretrain_config,
+                                    qwen25_7b_pretrain_config])
+def test_recipes_validate(chdir, recipe):
+    cfg = recipe()
+    assert isinstance(cfg, ConfigContainer)
+    cfg.validate()
+    # Building the config does no work: nothing is written.
+    assert os.listdir(chdir) == []
+
+
+def test_qwen25_500m_recipe_values(chdir):
+    cfg = qwen25_500m_pretrain_config()
+    cwd = os.getcwd()
+    m = cfg.model
+    assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups, m.ffn_hidden_size) == (
+        24, 896, 14, 2, 4864)
+    assert m.resolved_kv_channels == 64
+    assert m.normalization == "RMSNorm"
+    assert m.gated_linear_unit is True
+    assert m.layernorm_epsilon == 1e-6
+    assert m.rotary_base == 1_000_000
+    assert m.position_embedding_type == "rope"
+    assert m.add_qkv_bias is True
+    assert m.add_bias_linear is False
+    assert m.share_embeddings_and_output_weights is True
+    assert m.hidden_dropout == 0.0 and m.attention_dropout == 0.0
+    assert m.init_method_std == 0.02
+    assert m.seq_length == 4096 and cfg.dataset.seq_length == 4096
+    assert m.vocab_size in (None, 32_000)  # follows the tokenizer
+
+    t = cfg.train
+    assert (t.global_batch_size, t.micro_batch_size, t.train_iters) == (32, 2, 300_000)
+    assert t.manual_gc is True and t.manual_gc_interval == 100
+
+    o = cfg.optimizer
+    assert o.optimizer == "adam"
+    assert (o.lr, o.min_lr) == (3e-4, 3e-5)
+    assert (o.adam_beta1, o.adam_beta2, o.adam_eps) == (0.9, 0.95, 1e-8)
+    assert o.clip_grad == 1.0
+    assert o.weight_decay == 0.1
+
+    s = cfg.scheduler
+    assert s.lr_decay_style == "cosine"
+    assert s.lr_warmup_iters == 500
+    assert s.start_weight_decay == 0.033 and s.end_weight_decay == 0.033
+    assert s.weight_decay_incr_style == "constant"
+    assert s.override_opt_param_scheduler is True
+
+    assert (cfg.validation.eval_interval, cfg.validation.eval_iters) == (500, 32)
+    assert cfg.validation.skip_train is False
+    assert cfg.checkpoint.save_interval == 500
+    assert cfg.logger.log_interval == 10
+    assert cfg.rng.seed == 1234
+    assert cfg.mixed_precision == "bf16_mixed"
+    assert cfg.compute_dtype == "bf16"
+    assert cfg.ddp.check_for_nan_in_grad is True
+
+    assert isinstance(cfg.dataset, GPTDatasetConfig)
+    assert cfg.dataset.split == "9999,8,2"
+    assert cfg.dataset.blend is None and cfg.dataset.data_path is None
+    assert cfg.dataset.uses_mock_data
+    assert cfg.tokenizer.tokenizer_type == "NullTokenizer"
+    assert cfg.tokenizer.vocab_size == 32_000
+
+    checkpoints = os.path.join(cwd, "nemo_experiments", "default", "checkpoints")
+    assert cfg.checkpoint.save == checkpoints
+    assert cfg.checkpoint.load == checkpoints
+    assert cfg.logger.tensorboard_dir == os.path.join(cwd, "nemo_experiments", "default", "tb_logs")
+
+
+def test_recipe_paths_follow_the_working_directory(tmp_path, monkeypatch):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    first = qwen25_500m_pretrain_config()
+    monkeypatch.chdir(tmp_path / "b")
+    second = qwen25_500m_pretrain_config()
+    assert first.checkpoint.save.startswith(os.path.join(str(tmp_path), "a"))
+    assert second.checkpoint.save.startswith(os.path.join(str(tmp_path), "b"))
+
+
+def test_recipes_return_independent_configs(chdir):
+    first, second = qwen25_500m_pretrain_config(), qwen25_500m_pretrain_config()
+    first.model.num_layers = 1
+    first.train.train_iters = 5
+    assert second.model.num_layers == 24
+    assert second.train.train_iters == 300_000
+
+
+@pytest.mark.parametrize(("recipe", "shape", "tied"), [
+    (qwen25_1p5b_pretrain_config, (28, 1536, 12, 2, 8960), True),
+    (qwen25_7b_pretrain_config, (28, 3584, 28, 4, 18944), False),
+], ids=["1p5b", "7b"])
+def test_larger_qwen_recipes_shapes(chdir, recipe, shape, tied):
+    cfg = recipe()
+    m = cfg.model
+    assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups, m.ffn_hidden_size) == shape
+    assert m.share_embeddings_and_output_weights is tied
+    assert m.rotary_base == 1_000_000
+    assert m.layernorm_epsilon == 1e-6
+    assert m.normalization == "RMSNorm"
+    assert m.add_qkv_bias is True
+    assert m.add_bias_linear is False
+    # Same training defaults as the 0.5B recipe.
+    assert (cfg.train.global_batch_size, cfg.train.micro_batch_size) == (32, 2)
+    assert cfg.mixed_precision == "bf16_mixed"
+    assert cfg.tokenizer.vocab_size == 32_000

@@ -1,0 +1,159 @@
+"""TrainState, Timers and GlobalState."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import pytest
+
+from helpers import make_tiny_config
+from megatron.bridge.training.state import GlobalState, Timers, TrainState
+
+# ------------------------------------------------------------------------------------------ TrainState
+
+
+def test_train_state_defaults():
+    ts = TrainState()
+    assert ts.step == 0
+    assert ts.consumed_train_samples == 0
+    assert ts.skipped_train_samples == 0
+    assert ts.consumed_valid_samples == 0
+    assert ts.floating_point_operations_so_far == 0
+    assert (ts.do_train, ts.do_valid, ts.do_test) == (False, False, False)
+
+
+def test_train_state_fields():
+    names = {f.name for f in dataclasses.fields(TrainState)}
+    assert {"step", "consumed_train_samples", "skipped_train_samples", "consumed_valid_samples",
+            "floating_point_operations_so_far", "do_train", "do_valid", "do_test"} <= names
+
+
+def test_train_state_state_dict_round_trip():
+    ts = TrainState(step=7, consumed_train_samples=28, skipped_train_samples=4, consumed_valid_samples=8,
+                    floating_point_operations_so_far=1.5e12, do_train=True, do_valid=True, do_test=False)
+    sd = ts.state_dict()
+    assert type(sd) is dict
+    assert sd["step"] == 7 and sd["consumed_train_samples"] == 28 and sd["skipped_train_samples"] == 4
+    assert all(isinstance(v, (bool, int, float)) for v in sd.values())
+
+    restored = TrainState()
+    restored.load_state_dict(sd)
+    assert restored == ts
+    assert restored.state_dict() == sd
+
+    # The dict is a copy: changing it later does not change the state.
+    sd["step"] = 100
+    assert ts.step == 7
+
+
+def test_train_state_load_rejects_unknown_keys():
+    ts = TrainState()
+    with pytest.raises(KeyError, match="bogus"):
+        ts.load_state_dict({"step": 3, "bogus": 1})
+
+
+def test_train_state_partial_load_keeps_other_fields():
+    ts = TrainState(consumed_train_samples=12)
+    ts.load_state_dict({"step": 3})
+    assert ts.step == 3
+    assert ts.consumed_train_samples == 12
+
+
+# ---------------------------------------------------------------------------------------------- Timers
+
+
+def test_timers_return_the_same_named_timer():
+    timers = Timers()
+    assert timers("forward") is timers("forward")
+    assert timers("forward") is not timers("backward")
+    assert timers.names() == ["forward", "backward"]
+
+
+def test_timer_accumulates_across_start_stop_pairs():
+    timer = Timers()("step")
+    assert timer.elapsed(reset=False) == 0.0
+    timer.start()
+    time.sleep(0.02)
+    timer.stop()
+    first = timer.elapsed(reset=False)
+    assert 0.02 <= first < 5
+    time.sleep(0.02)  # not running: not counted
+    assert timer.elapsed(reset=False) == first
+    timer.start()
+    time.sleep(0.02)
+    timer.stop()
+    total = timer.elapsed(reset=False)
+    assert total >= first + 0.02
+    assert total < first + 5
+
+
+def test_timer_elapsed_reset():
+    timer = Timers()("step")
+    timer.start()
+    time.sleep(0.01)
+    timer.stop()
+    assert timer.elapsed(reset=True) >= 0.01
+    assert timer.elapsed(reset=False) == 0.0
+
+
+def test_timer_elapsed_while_running_includes_the_running_interval():
+    timer = Timers()("step")
+    timer.start()
+    time.sleep(0.02)
+    assert timer.elapsed(reset=False) >= 0.02
+    assert timer.active
+    timer.stop()
+    assert not timer.active
+
+
+def test_timer_elapsed_reset_while_running_restarts_the_interval():
+    timer = Timers()("step")
+    timer.start()
+    time.sleep(0.3)
+    assert timer.elapsed(reset=True) >= 0.3
+    assert timer.active
+    timer.stop()
+    # Only the moment between the reset and the stop is left.
+    assert timer.elapsed(reset=False) < 0.3
+
+
+def test_timer_misuse_is_an_error():
+    timer = Timers()("step")
+    with pytest.raises(AssertionError):
+        timer.stop()
+    timer.start()
+    with pytest.raises(AssertionError):
+        timer.start()
+
+
+# ----------------------------------------------------------------------------------------- GlobalState
+
+
+def test_global_state_holds_config_counters_and_timers():
+    cfg = make_tiny_config()
+    state = GlobalState(cfg)
+    assert state.cfg is cfg
+    assert isinstance(state.train_state, TrainState)
+    assert state.train_state == TrainState()
+    assert isinstance(state.timers, Timers)
+    assert state.tensorboard_logger is None
+    assert state.wandb_logger is None
+    state.close_loggers()
+
+
+def test_global_state_without_config():
+    state = GlobalState()
+    assert state.cfg is None
+    assert state.tensorboard_logger is None
+
+
+def test_global_state_tensorboard_logger(tmp_path):
+    tb_dir = tmp_path / "tb"
+    state = GlobalState(make_tiny_config(logger__tensorboard_dir=str(tb_dir)))
+    writer = state.tensorboard_logger
+    assert writer is not None
+    assert state.tensorboard_logger is writer
+    writer.add_scalar("x", 1.0, 1)
+    state.close_loggers()
+    assert any(p.name.startswith("events.out.tfevents") for p in tb_dir.iterdir())
