@@ -498,9 +498,10 @@ def test_module_docstring_lists_the_fire_site_of_every_event():
 
 @pytest.mark.parametrize("event", EVENTS)
 def test_each_event_is_a_literal_string_in_exactly_one_file(event):
+    # builtin_callbacks.py holds user-side callbacks, which may name an event (an `every` filter).
     files = sorted(
         str(path.relative_to(TRAINING_DIR))
         for path in TRAINING_DIR.rglob("*.py")
-        if path.name != "callbacks.py" and event in _string_constants(path)
+        if path.name not in ("callbacks.py", "builtin_callbacks.py") and event in _string_constants(path)
     )
     assert files == [FIRE_SITES[event]]

@@ -33,6 +33,7 @@ This module imports nothing beyond the standard library, so importing it is chea
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -143,54 +144,127 @@ def _unknown_event(event_name: object) -> ValueError:
     return ValueError(f"Unknown event {event_name!r}. Valid events: {', '.join(sorted(VALID_EVENTS))}")
 
 
+# Events whose `every=N` filter counts training steps (so it survives a resume); the others count fires.
+_STEP_EVENTS = frozenset({"on_train_step_start", "on_train_step_end"})
+
+
+def callback_name(fn: Any) -> str:
+    """A readable name for a registered callable: `Class.method`, `function`, or `<lambda>`."""
+    owner = getattr(fn, "__self__", None)
+    if owner is not None:
+        return f"{state_key(owner)}.{getattr(fn, '__name__', '?')}"
+    return getattr(fn, "__qualname__", None) or type(fn).__qualname__
+
+
+def state_key(callback: Any) -> str:
+    """The key a callback's state is saved under: its `name` attribute, else its class's qualified name."""
+    name = getattr(callback, "name", None)
+    return name if isinstance(name, str) and name else type(callback).__qualname__
+
+
+class _Entry:
+    """One registration: the callable, its filter, and the time spent in it."""
+
+    __slots__ = ("fn", "every", "name", "calls", "seconds", "fires")
+
+    def __init__(self, fn: CallbackFn, every: int | None) -> None:
+        self.fn, self.every, self.name = fn, every, callback_name(fn)
+        self.calls, self.seconds, self.fires = 0, 0.0, 0
+
+
 class CallbackManager:
     """Holds callbacks per event and calls them in registration order.
 
-    Dispatch is a dict lookup and a loop over a ready list of bound callables.
+    Dispatch is a dict lookup and a loop over a ready list of registrations. Beyond the
+    documented API the manager also filters (`every=N`), times each callback (`stats()`), and
+    saves and restores the state of stateful callbacks and `user_state` with each checkpoint.
     """
 
     def __init__(self) -> None:
-        self._callbacks: dict[str, list[CallbackFn]] = {name: [] for name in VALID_EVENTS}
+        self._entries: dict[str, list[_Entry]] = {name: [] for name in VALID_EVENTS}
         self._user_state: dict[str, Any] = {}
+        self._stateful: dict[str, Any] = {}
+        self._seconds = 0.0
 
     def add(self, callback: Callback | Iterable[Callback]) -> None:
-        """Register a callback object, or each of a list of them, for the events it overrides."""
+        """Register a callback object, or each of a list of them, for the events it overrides.
+
+        A `every` attribute filters its events: an int applies to every event, a dict maps event
+        names to ints. An object with `state_dict()` and `load_state_dict()` has its state saved in
+        every checkpoint under `state_key(callback)`; two such objects need distinct `name`s.
+        """
         callbacks = [callback] if not isinstance(callback, (list, tuple)) else list(callback)
         for cb in callbacks:
+            self._add_stateful(cb)
+            every = getattr(cb, "every", None)
             for event_name in sorted(VALID_EVENTS):
                 method = getattr(cb, event_name, None)
                 if method is None or not callable(method):
                     continue
                 if isinstance(cb, Callback) and getattr(type(cb), event_name) is getattr(Callback, event_name):
                     continue
-                self._callbacks[event_name].append(method)
+                event_every = every.get(event_name) if isinstance(every, dict) else every
+                self._entries[event_name].append(_Entry(method, _check_every(event_every, cb)))
 
-    def register(self, event_name: str, fn: CallbackFn) -> None:
-        """Register `fn(context)` for one event; an unknown event name raises `ValueError`."""
+    def _add_stateful(self, cb: Any) -> None:
+        if not (callable(getattr(cb, "state_dict", None)) and callable(getattr(cb, "load_state_dict", None))):
+            return
+        key = state_key(cb)
+        if key in self._stateful and self._stateful[key] is not cb:
+            raise ValueError(
+                f"two stateful callbacks share the state key {key!r}; give each a distinct `name` attribute "
+                f"(e.g. `callback.name = '{key}-2'`) so that their states are saved apart"
+            )
+        self._stateful[key] = cb
+
+    def register(self, event_name: str, fn: CallbackFn, *, every: int | None = None) -> None:
+        """Register `fn(context)` for one event; an unknown event name raises `ValueError`.
+
+        With `every=N`, `fn` runs only on every N-th training step for on_train_step_start/end
+        (steps numbered from 1, so `train_state.step` reads N-1, 2N-1, ...), and on every N-th fire
+        for other events; skipped calls cost one comparison.
+        """
         if event_name not in VALID_EVENTS:
             raise _unknown_event(event_name)
         if not callable(fn):
             raise TypeError(f"callback for {event_name!r} must be callable, got {type(fn).__name__}")
-        self._callbacks[event_name].append(fn)
+        self._entries[event_name].append(_Entry(fn, _check_every(every, fn)))
 
     def fire(self, event_name: str, context: CallbackContext) -> None:
         """Call every callback of the event in order; an exception propagates at once."""
         try:
-            callbacks = self._callbacks[event_name]
+            entries = self._entries[event_name]
         except KeyError:
             raise _unknown_event(event_name) from None
-        for fn in callbacks:
-            fn(context)
+        clock = time.perf_counter
+        for entry in entries:
+            if entry.every is not None and not self._due(entry, event_name, context):
+                continue
+            started = clock()
+            try:
+                entry.fn(context)
+            finally:
+                elapsed = clock() - started
+                entry.calls += 1
+                entry.seconds += elapsed
+                self._seconds += elapsed
+
+    @staticmethod
+    def _due(entry: _Entry, event_name: str, context: CallbackContext) -> bool:
+        if event_name in _STEP_EVENTS:
+            return (context.state.train_state.step + 1) % entry.every == 0
+        entry.fires += 1
+        return entry.fires % entry.every == 0
 
     def has_callbacks(self, event_name: str) -> bool:
         """True when at least one callback is registered for the event (False for unknown names)."""
-        return bool(self._callbacks.get(event_name))
+        return bool(self._entries.get(event_name))
 
     def list_callbacks(self, event_name: str) -> list[CallbackFn]:
         """A new list of the event's callbacks, in firing order."""
         if event_name not in VALID_EVENTS:
             raise _unknown_event(event_name)
-        return list(self._callbacks[event_name])
+        return [entry.fn for entry in self._entries[event_name]]
 
     @property
     def events(self) -> frozenset[str]:
@@ -201,6 +275,61 @@ class CallbackManager:
     def user_state(self) -> dict[str, Any]:
         """The dict every context built for this manager carries as `user_state`."""
         return self._user_state
+
+    # ------------------------------------------------------------------------ beyond the guide
+
+    def stats(self) -> dict[str, dict[str, dict[str, float]]]:
+        """Time spent per event and callback: `{event: {name: {"calls", "total_s", "mean_ms"}}}`."""
+        report: dict[str, dict[str, dict[str, float]]] = {}
+        for event_name, entries in sorted(self._entries.items()):
+            for entry in entries:
+                per_event = report.setdefault(event_name, {})
+                row = per_event.setdefault(entry.name, {"calls": 0, "total_s": 0.0, "mean_ms": 0.0})
+                row["calls"] += entry.calls
+                row["total_s"] += entry.seconds
+                row["mean_ms"] = 1000.0 * row["total_s"] / row["calls"] if row["calls"] else 0.0
+        return report
+
+    @property
+    def total_seconds(self) -> float:
+        """Seconds spent inside callbacks so far, over all events."""
+        return self._seconds
+
+    def seconds_by_callback(self) -> dict[str, float]:
+        """Seconds spent so far per callback name, summed over events."""
+        totals: dict[str, float] = {}
+        for entries in self._entries.values():
+            for entry in entries:
+                totals[entry.name] = totals.get(entry.name, 0.0) + entry.seconds
+        return totals
+
+    @property
+    def has_any(self) -> bool:
+        """True when any callback is registered for any event."""
+        return any(self._entries.values())
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state of every stateful callback, keyed by `state_key`, and the `user_state` dict."""
+        return {"callbacks": {key: cb.state_dict() for key, cb in self._stateful.items()},
+                "user_state": self._user_state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> list[str]:
+        """Restore what `state_dict` returned; returns the saved keys no registered callback claims."""
+        saved = state.get("callbacks", {})
+        for key, cb in self._stateful.items():
+            if key in saved:
+                cb.load_state_dict(saved[key])
+        self._user_state.clear()
+        self._user_state.update(state.get("user_state", {}))
+        return sorted(set(saved) - set(self._stateful))
+
+
+def _check_every(every: Any, owner: Any) -> int | None:
+    if every is None:
+        return None
+    if not isinstance(every, int) or isinstance(every, bool) or every <= 0:
+        raise ValueError(f"every={every!r} for {callback_name(owner)} is invalid: a positive integer or None")
+    return every
 
 
 def normalize_callbacks(

@@ -4,7 +4,8 @@
     <save>/iter_0000010/                          one complete checkpoint
         .metadata, __*_*.distcp                   tensors (model, optimizer) via torch.distributed.checkpoint
         common.json                               train state, scheduler, optimizer hyper-parameters, ...
-        rng_rank_00000.json                       each rank's Python, NumPy, torch and CUDA RNG states
+        rank_00000.json                           each rank's RNG states (Python, NumPy, torch, CUDA)
+                                                  and callback state
         run_config.yaml                           the run's configuration
 
 A checkpoint is written into `.tmp_iter_0000010/`, every file is flushed to disk, and only then
@@ -18,6 +19,7 @@ everything else is JSON or YAML read with safe loaders.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -235,3 +237,56 @@ def load_tensors(state_dict: dict[str, Any], directory: Path, process_group: Any
     """Fill the tensors of `state_dict` in place from a checkpoint, reading nothing but tensors."""
     dcp.load(state_dict, storage_reader=SafeFileSystemReader(directory), planner=_TensorsOnlyLoadPlanner(),
              process_group=process_group)
+
+
+# ----------------------------------------------------------------------- JSON for Python values
+
+_UNSUPPORTED = object()
+
+
+def encode_value(value: Any, path: str, unsupported: list[str]) -> Any:
+    """`value` as JSON-ready data; tensors and tuples become tagged objects.
+
+    A value JSON cannot hold (a set, an arbitrary object, a dict with non-string keys) is left out
+    of its dict (or stored as None in its list), and its path is appended to `unsupported`.
+    """
+    encoded = _encode(value, path, unsupported)
+    return None if encoded is _UNSUPPORTED else encoded
+
+
+def _encode(value: Any, path: str, unsupported: list[str]) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.Tensor):
+        flat = value.detach().cpu().contiguous().reshape(-1)
+        raw = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+        return {"__tensor__": base64.b64encode(raw).decode(), "dtype": str(value.dtype).removeprefix("torch."),
+                "shape": list(value.shape)}
+    if hasattr(value, "item") and hasattr(value, "dtype") and getattr(value, "ndim", 1) == 0:  # NumPy scalars
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        items = [encode_value(v, f"{path}[{i}]", unsupported) for i, v in enumerate(value)]
+        return items if isinstance(value, list) else {"__tuple__": items}
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        encoded = {key: _encode(item, f"{path}.{key}" if path else key, unsupported) for key, item in value.items()}
+        return {key: item for key, item in encoded.items() if item is not _UNSUPPORTED}
+    unsupported.append(f"{path} ({type(value).__name__})")
+    return _UNSUPPORTED
+
+
+def decode_value(value: Any) -> Any:
+    """The inverse of `encode_value`."""
+    if isinstance(value, list):
+        return [decode_value(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "__tensor__" in value:
+        dtype = getattr(torch, value["dtype"], None)
+        if not isinstance(dtype, torch.dtype):
+            raise CheckpointError(f"unknown tensor dtype {value['dtype']!r} in checkpoint state")
+        raw = bytearray(base64.b64decode(value["__tensor__"]))
+        flat = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+        return flat.view(dtype).reshape(value["shape"]).clone()
+    if "__tuple__" in value:
+        return tuple(decode_value(v) for v in value["__tuple__"])
+    return {key: decode_value(item) for key, item in value.items()}

@@ -7,7 +7,6 @@ position: consumed samples), every rank's RNG states and the run's configuration
 
 from __future__ import annotations
 
-import base64
 import random
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -61,6 +60,13 @@ class CheckpointManager:
         if self.config.save and interval and step % interval == 0:
             self._save(step)
 
+    def save(self, step: int) -> None:
+        """Save now unless this step is already saved (a checkpoint a callback asked for)."""
+        if not self.config.save:
+            print_rank_0(f"> a checkpoint was requested at iteration {step} but checkpoint.save is not set")
+        elif self._last_saved_step != step:
+            self._save(step)
+
     def save_final(self, step: int) -> None:
         """After the loop: save unless this step was just saved, then wait for any background save."""
         if self.config.save and step != 0 and self._last_saved_step != step:
@@ -93,17 +99,17 @@ class CheckpointManager:
         self._drain(block=True)
         started = time.perf_counter()
         tensors, common = self._capture()
-        rng = _capture_rng()
+        rank_state = self._capture_rank_state()
         self._last_saved_step = step
         if not self.config.async_save:
-            self._write(step, tensors, common, rng)
+            self._write(step, tensors, common, rank_state)
             self._on_saved(step, started)
             return
         # Training goes on mutating parameters in place, so the background write needs its own copy.
         staged = {key: value.detach().to("cpu", copy=True) for key, value in tensors.items()}
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
-        self._pending = (step, started, self._executor.submit(self._write, step, staged, common, rng))
+        self._pending = (step, started, self._executor.submit(self._write, step, staged, common, rank_state))
 
     def _capture(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         chunk = self.model[0]
@@ -119,16 +125,31 @@ class CheckpointManager:
                 common["grad_scaler"] = self.precision.scaler.state_dict()
         return tensors, common
 
+    def _capture_rank_state(self) -> dict[str, Any]:
+        # Per rank: RNG streams and callback state may differ between ranks.
+        state: dict[str, Any] = {"rng": _capture_rng() if self.config.save_rng else None}
+        if self.callbacks is not None:
+            unsupported: list[str] = []
+            callback_state = self.callbacks.state_dict()
+            state["callbacks"] = io.encode_value(callback_state["callbacks"], "", unsupported)
+            if unsupported:
+                raise ValueError(f"callback state cannot be saved safely: {', '.join(unsupported)} "
+                                 "(state_dict() may hold numbers, strings, lists, dicts, tuples and tensors)")
+            state["user_state"] = io.encode_value(callback_state["user_state"], "user_state", unsupported)
+            if unsupported and self.rank == 0:
+                print(f"> warning: not saved in the checkpoint (not JSON, tensors or tuples): {', '.join(unsupported)}",
+                      flush=True)
+        return state
+
     def _write(self, step: int, tensors: dict[str, torch.Tensor], common: dict[str, Any],
-               rng: dict[str, Any]) -> None:
+               rank_state: dict[str, Any]) -> None:
         root = Path(self.config.save)
         if self.rank == 0:
             io.prepare_temporary_dir(root, step)
         self._barrier()
         tmp = io.temporary_dir(root, step)
         io.save_tensors(tensors, tmp, process_group=self._group)
-        if self.config.save_rng:
-            io.write_json(tmp / f"rng_rank_{self.rank:05d}.json", rng)
+        io.write_json(tmp / _rank_file(self.rank), rank_state)
         if self.rank == 0:
             io.write_json(tmp / io.COMMON_FILE, common)
             config_yaml = yaml.safe_dump(self.state.cfg.to_dict(), sort_keys=False)
@@ -172,6 +193,24 @@ class CheckpointManager:
         elif cfg.load:
             print_rank_0(f"> no checkpoint found in checkpoint.load={cfg.load!r}; starting from scratch")
 
+    def _restore_rank_state(self, directory: Path) -> None:
+        path = directory / _rank_file(self.rank)
+        if not path.exists():  # saved with fewer ranks: RNG streams cannot be matched, callbacks take rank 0's
+            path = directory / _rank_file(0)
+            if not path.exists():
+                return
+            print_rank_0(f"> {directory} was saved with fewer ranks: RNG states not restored on ranks beyond them")
+        rank_state = io.read_json(path)
+        if self.config.load_rng and rank_state.get("rng") and path.name == _rank_file(self.rank):
+            _restore_rng(path, rank_state["rng"])
+        if self.callbacks is not None and "callbacks" in rank_state:
+            unclaimed = self.callbacks.load_state_dict({
+                "callbacks": io.decode_value(rank_state["callbacks"]),
+                "user_state": io.decode_value(rank_state.get("user_state", {})),
+            })
+            if unclaimed:
+                print_rank_0(f"> checkpoint holds state for callbacks not registered in this run: {unclaimed}")
+
     def _load(self, directory: Path, *, weights_only: bool) -> None:
         started = time.perf_counter()
         common = io.read_json(directory / io.COMMON_FILE)
@@ -198,12 +237,15 @@ class CheckpointManager:
         if not weights_only:
             self.state.train_state.load_state_dict(common["train_state"])
             self._last_saved_step = self.state.train_state.step
-            if self.config.load_rng:
-                _restore_rng(directory / f"rng_rank_{self.rank:05d}.json")
+            self._restore_rank_state(directory)
         what = "model weights" if weights_only else "model, optimizer and training state" if load_optim else (
             "model and training state")
         print_rank_0(f"> loaded {what} from {directory} (iteration {common['train_state']['step']}, "
                      f"{time.perf_counter() - started:.2f} s)")
+
+
+def _rank_file(rank: int) -> str:
+    return f"rank_{rank:05d}.json"
 
 
 def _flatten_optimizer_state(optim_state: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -221,33 +263,21 @@ def _capture_rng() -> dict[str, Any]:
     rng: dict[str, Any] = {
         "python": [version, list(internal), gauss],
         "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "torch_cpu": _encode(torch.get_rng_state()),
+        "torch_cpu": io.encode_value(torch.get_rng_state(), "torch_cpu", []),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        rng["torch_cuda"] = [_encode(s) for s in torch.cuda.get_rng_state_all()]
+        rng["torch_cuda"] = [io.encode_value(s, "torch_cuda", []) for s in torch.cuda.get_rng_state_all()]
     return rng
 
 
-def _restore_rng(path: Path) -> None:
-    if not path.exists():
-        print_rank_0(f"> {path.name} not in the checkpoint (saved with another world size?): RNG states not restored")
-        return
-    rng = io.read_json(path)
+def _restore_rng(path: Path, rng: dict[str, Any]) -> None:
     try:
         version, internal, gauss = rng["python"]
         random.setstate((version, tuple(internal), gauss))
         name, keys, pos, has_gauss, cached = rng["numpy"]
         np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-        torch.set_rng_state(_decode(rng["torch_cpu"]))
+        torch.set_rng_state(io.decode_value(rng["torch_cpu"]))
         if "torch_cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([_decode(s) for s in rng["torch_cuda"]])
+            torch.cuda.set_rng_state_all([io.decode_value(s) for s in rng["torch_cuda"]])
     except (KeyError, ValueError, TypeError, RuntimeError) as err:
         raise io.CheckpointError(f"{path}: invalid RNG state ({err})") from err
-
-
-def _encode(state: torch.Tensor) -> str:
-    return base64.b64encode(state.numpy().tobytes()).decode()
-
-
-def _decode(text: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)

@@ -332,9 +332,14 @@ class LoggerConfig:
     """Local directory for Weights & Biases files."""
     wandb_entity: str | None = None
     """Weights & Biases team or user."""
+    callback_time_warning_share: float = 0.2
+    """Warn (once per callback) when one callback takes more than this share of the step time."""
 
     def validate(self) -> None:
         _check_positive("logger.log_interval", self.log_interval, optional=False)
+        if not 0.0 < self.callback_time_warning_share <= 1.0:
+            raise config_error("logger.callback_time_warning_share", self.callback_time_warning_share,
+                               "a share of the step time in (0, 1]")
         if self.wandb_project and importlib.util.find_spec("wandb") is None:
             raise config_error("logger.wandb_project", self.wandb_project,
                                "None, or install wandb first: pip install 'megatron-bridge-lite[wandb]'")

@@ -1,7 +1,14 @@
-"""When training must stop early: a signal, `exit_interval` or `exit_duration_in_mins`.
+"""What happens at the end of each training step beyond the fixed schedule.
 
-An early stop ends the loop after the current step; the loop then saves and `pretrain` returns
-without firing `on_train_end` (training did not complete).
+Two kinds of stop:
+- early stops (a signal with `exit_signal_handler`, `exit_interval`, `exit_duration_in_mins`):
+  the loop saves and `pretrain` returns without `on_train_end` (training did not complete);
+- requested stops (`state.request_stop(reason)` from a callback): a normal end that saves and
+  fires `on_train_end`.
+
+Callbacks may also request a checkpoint or a validation pass. Every rank must take the same
+decision at the same step or the ranks deadlock, so the local flags of all ranks are combined
+with one small all-reduce per step, done only when something could differ between ranks.
 """
 
 from __future__ import annotations
@@ -9,23 +16,45 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from types import FrameType
 
 import torch
 import torch.distributed as dist
 
 from megatron.bridge.training.config import TrainingConfig
+from megatron.bridge.training.state import RunRequests
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-class ExitConditions:
-    """Checks the early-stop conditions once per step; a context manager that owns the signal handlers."""
+@dataclass
+class StepDecision:
+    """What every rank does after a step."""
 
-    def __init__(self, config: TrainingConfig, *, start_time: float, device: torch.device) -> None:
+    stop_reason: str | None = None
+    """Why training stops now (None: go on)."""
+    early: bool = False
+    """True for early stops (no `on_train_end`), False for a stop a callback asked for."""
+    checkpoint_reason: str | None = None
+    """Why a checkpoint is saved now, on request."""
+    validation_reason: str | None = None
+    """Why a validation pass runs now, on request."""
+
+
+class ExitConditions:
+    """Decides, once per step and identically on every rank, whether to stop, save or validate.
+
+    A context manager that owns the signal handlers while training runs.
+    """
+
+    def __init__(self, config: TrainingConfig, *, start_time: float, device: torch.device,
+                 requests_possible: bool) -> None:
         self.config = config
         self.start_time = start_time
         self.device = device
+        self.requests_possible = requests_possible
+        """False when no callback is registered: nobody can make a request, so there is nothing to combine."""
         self._signal_received: int | None = None
         self._previous_handlers: dict[int, object] = {}
 
@@ -44,24 +73,44 @@ class ExitConditions:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signal_received = signum
 
-    def check(self, step: int) -> str | None:
-        """The reason to stop after `step`, or None to go on; every rank gets the same answer."""
-        reason = None
-        if self.config.exit_interval and step % self.config.exit_interval == 0:
-            reason = f"exit_interval={self.config.exit_interval} reached at iteration {step}"
-        if self.config.exit_duration_in_mins is not None:
-            minutes = (time.time() - self.start_time) / 60.0
-            if self._agreed(minutes > self.config.exit_duration_in_mins):
-                reason = f"exit_duration_in_mins={self.config.exit_duration_in_mins} exceeded ({minutes:.1f} min)"
-        if self._previous_handlers and self._agreed(self._signal_received is not None):
-            received = self._signal_received
-            reason = f"received {signal.Signals(received).name}" if received else "another rank received a signal"
-        return reason
+    def check(self, step: int, requests: RunRequests) -> StepDecision:
+        """Combine this rank's conditions and requests with every other rank's; clear the requests."""
+        own = {"stop": requests.stop, "checkpoint": requests.checkpoint, "validation": requests.validation}
+        requests.stop = requests.checkpoint = requests.validation = None
+        for what, reason in own.items():
+            if reason:
+                print(f"> [rank {_rank()}] a callback requested {what} after iteration {step}: {reason}", flush=True)
+        duration = self.config.exit_duration_in_mins
+        minutes = (time.time() - self.start_time) / 60.0
+        flags = self._combine([float(duration is not None and minutes > duration),
+                               float(self._signal_received is not None),
+                               *(float(reason is not None) for reason in own.values())])
+        asked = {what: own[what] or ("asked on another rank" if flag else None)
+                 for what, flag in zip(own, flags[2:], strict=True)}
+        early = self._early_reason(step, flags, minutes)
+        requested_stop = f"stop requested by a callback: {asked['stop']}" if asked["stop"] else None
+        return StepDecision(stop_reason=early or requested_stop, early=early is not None,
+                            checkpoint_reason=asked["checkpoint"], validation_reason=asked["validation"])
 
-    def _agreed(self, local: bool) -> bool:
-        # Clocks and signals differ between ranks; all must stop at the same step or they deadlock.
-        if not (dist.is_initialized() and dist.get_world_size() > 1):
+    def _early_reason(self, step: int, flags: list[float], minutes: float) -> str | None:
+        if self.config.exit_interval and step % self.config.exit_interval == 0:
+            return f"exit_interval={self.config.exit_interval} reached at iteration {step}"
+        if flags[0]:
+            return f"exit_duration_in_mins={self.config.exit_duration_in_mins} exceeded ({minutes:.1f} min)"
+        if flags[1]:
+            received = self._signal_received
+            return f"received {signal.Signals(received).name}" if received else "another rank received a signal"
+        return None
+
+    def _combine(self, local: list[float]) -> list[float]:
+        # Clocks, signals and callbacks differ between ranks; all must act at the same step.
+        needed = self.requests_possible or self.config.exit_duration_in_mins is not None or self._previous_handlers
+        if not (needed and dist.is_initialized() and dist.get_world_size() > 1):
             return local
-        flag = torch.tensor([1.0 if local else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        flags = torch.tensor(local, device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return flags.tolist()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0

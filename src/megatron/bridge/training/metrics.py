@@ -20,6 +20,7 @@ from datetime import datetime
 
 import torch
 
+from megatron.bridge.training.callbacks import CallbackManager
 from megatron.bridge.training.distributed import print_rank_0
 from megatron.bridge.training.state import GlobalState
 
@@ -64,8 +65,10 @@ class MetricsLogger:
     """Prints a Megatron-style line every `log_interval` steps and writes the same scalars."""
 
     def __init__(self, state: GlobalState, *, flops_per_token: float, world_size: int,
-                 device: torch.device) -> None:
+                 device: torch.device, callbacks: CallbackManager | None = None) -> None:
         self.state = state
+        self.callbacks = callbacks
+        self._warned: set[str] = set()
         self.flops_per_token = flops_per_token
         self.world_size = world_size
         self.peak_tflops = peak_tflops(device)
@@ -78,6 +81,8 @@ class MetricsLogger:
         self._nan = 0
         self._tokens = 0
         self._window_start = time.perf_counter()
+        if self.callbacks is not None:
+            self._callback_seconds = self.callbacks.seconds_by_callback()
 
     def maybe_log(self, result: StepResult, *, learning_rate: float) -> None:
         """Accumulate one step; print and write scalars when the step is a multiple of log_interval."""
@@ -122,8 +127,24 @@ class MetricsLogger:
                       f"throughput per device (TFLOP/s): {tflops:.3f}"]
             if self.peak_tflops:
                 parts.append(f"MFU: {100.0 * tflops / self.peak_tflops:.1f}%")
+        if self.callbacks is not None:
+            parts += self._callback_time(elapsed, scalars)
         print_rank_0(f" [{datetime.now():%Y-%m-%d %H:%M:%S}] " + " | ".join(parts) + " |")
         self._write_scalars(scalars, step)
+
+    def _callback_time(self, elapsed: float, scalars: dict[str, float]) -> list[str]:
+        """The log-line part for time spent in callbacks, and a one-time warning per slow callback."""
+        spent = {name: seconds - self._callback_seconds.get(name, 0.0)
+                 for name, seconds in self.callbacks.seconds_by_callback().items()}
+        share = sum(spent.values()) / elapsed
+        scalars["callback-time-share"] = share
+        limit = self.state.cfg.logger.callback_time_warning_share
+        for name, seconds in spent.items():
+            if seconds / elapsed > limit and name not in self._warned:
+                self._warned.add(name)
+                print_rank_0(f"> warning: callback {name} took {100 * seconds / elapsed:.0f}% of the step time "
+                             f"(above logger.callback_time_warning_share={limit}); see CallbackManager.stats()")
+        return [f"callbacks: {100 * share:.1f}% of step time"] if share > 0.01 else []
 
     def _write_scalars(self, scalars: dict[str, float], step: int) -> None:
         writer = self.state.tensorboard_logger

@@ -73,7 +73,8 @@ def setup(state: GlobalState, forward_step: ForwardStep, callbacks: CallbackMana
     data = _build_data(state, dist_ctx)
 
     num_microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dist_ctx.world_size)
-    metrics = MetricsLogger(state, flops_per_token=flops, world_size=dist_ctx.world_size, device=dist_ctx.device)
+    metrics = MetricsLogger(state, flops_per_token=flops, world_size=dist_ctx.world_size, device=dist_ctx.device,
+                            callbacks=callbacks)
     print_rank_0(f"{description}, {num_microbatches} micro-batches of {cfg.train.micro_batch_size} per rank")
     return SetupOutput(
         state=state, model=model, optimizer=optimizer, scheduler=scheduler, forward_step=forward_step,

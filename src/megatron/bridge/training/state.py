@@ -114,6 +114,15 @@ class Timers:
         return list(self._timers)
 
 
+@dataclass
+class RunRequests:
+    """What callbacks asked for during the current step; each is a reason, or None."""
+
+    stop: str | None = None
+    checkpoint: str | None = None
+    validation: str | None = None
+
+
 class GlobalState:
     """The config, training counters, timers and loggers of one run."""
 
@@ -121,11 +130,30 @@ class GlobalState:
         self.cfg = cfg
         self.train_state = TrainState()
         self.timers = Timers()
+        self.requests = RunRequests()
+        """Requests made by callbacks since the last step end (see `request_stop`)."""
         self.start_time = time.time()
         """Wall-clock time at which `pretrain` started (for `exit_duration_in_mins`)."""
         self._tensorboard_logger: Any = None
         self._wandb_logger: Any = None
         self._loggers_made = False
+
+    def request_stop(self, reason: str) -> None:
+        """Ask training to stop after the current step, on every rank, with a final checkpoint.
+
+        Requests from all ranks are combined once per step, so a request made on one rank stops
+        every rank at the same step. The stop is a normal end: `on_train_end` fires and the
+        post-training validation and test passes run.
+        """
+        self.requests.stop = reason
+
+    def request_checkpoint(self, reason: str) -> None:
+        """Ask for a checkpoint at the end of the current step (on every rank)."""
+        self.requests.checkpoint = reason
+
+    def request_validation(self, reason: str) -> None:
+        """Ask for a validation pass at the end of the current step (on every rank)."""
+        self.requests.validation = reason
 
     @property
     def tensorboard_logger(self) -> Any:

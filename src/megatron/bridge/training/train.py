@@ -11,7 +11,7 @@ import torch
 from megatron.bridge.training.callbacks import CallbackContext, should_fire
 from megatron.bridge.training.distributed import print_rank_0
 from megatron.bridge.training.eval import evaluate
-from megatron.bridge.training.exit_conditions import ExitConditions
+from megatron.bridge.training.exit_conditions import ExitConditions, StepDecision
 from megatron.bridge.training.forward_backward import run_microbatches
 from megatron.bridge.training.metrics import StepResult
 from megatron.bridge.training.optim import get_grad_norm_and_clip
@@ -29,9 +29,10 @@ def train(run: SetupOutput) -> bool:
                      "iterations: nothing to train")
     if should_fire(callbacks, "on_train_start"):
         callbacks.fire("on_train_start", _context(run))
-    stop_reason = None
-    with ExitConditions(cfg.train, start_time=state.start_time, device=run.dist.device) as exit_conditions, \
-            _manual_gc(cfg.train.manual_gc, cfg.train.manual_gc_interval) as collect_garbage:
+    decision = StepDecision()
+    exit_conditions = ExitConditions(cfg.train, start_time=state.start_time, device=run.dist.device,
+                                     requests_possible=callbacks is not None and callbacks.has_any)
+    with exit_conditions, _manual_gc(cfg.train.manual_gc, cfg.train.manual_gc_interval) as collect_garbage:
         while train_state.step < cfg.train.train_iters:
             if should_fire(callbacks, "on_train_step_start"):
                 callbacks.fire("on_train_step_start", _context(run))
@@ -44,16 +45,22 @@ def train(run: SetupOutput) -> bool:
             train_state.consumed_train_samples += cfg.train.global_batch_size
             train_state.floating_point_operations_so_far += run.metrics.flops_per_token * result.num_tokens
             run.metrics.maybe_log(result, learning_rate=run.scheduler.get_lr())
-            if _should_validate(cfg, train_state.step):
+            validated = _should_validate(cfg, train_state.step)
+            if validated:
                 evaluate(run, "eval")
             run.checkpointer.maybe_save(train_state.step)
             collect_garbage(train_state.step)
-            stop_reason = exit_conditions.check(train_state.step)
-            if stop_reason:
+            decision = exit_conditions.check(train_state.step, state.requests)
+            if decision.validation_reason and not validated:
+                evaluate(run, "eval")
+            if decision.checkpoint_reason:
+                run.checkpointer.save(train_state.step)
+            if decision.stop_reason:
                 break
     run.checkpointer.save_final(train_state.step)
-    if stop_reason:
-        print_rank_0(f"> stopping early after iteration {train_state.step}: {stop_reason}")
+    if decision.stop_reason:
+        print_rank_0(f"> stopping after iteration {train_state.step}: {decision.stop_reason}")
+    if decision.early:
         return False
     if should_fire(callbacks, "on_train_end"):
         callbacks.fire("on_train_end", _context(run))
