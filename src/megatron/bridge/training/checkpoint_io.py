@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
@@ -235,8 +236,13 @@ def check_compatible(directory: Path, shapes: dict[str, torch.Size], index: Meta
 
 def load_tensors(state_dict: dict[str, Any], directory: Path, process_group: Any = None) -> None:
     """Fill the tensors of `state_dict` in place from a checkpoint, reading nothing but tensors."""
-    dcp.load(state_dict, storage_reader=SafeFileSystemReader(directory), planner=_TensorsOnlyLoadPlanner(),
-             process_group=process_group)
+    try:
+        dcp.load(state_dict, storage_reader=SafeFileSystemReader(directory), planner=_TensorsOnlyLoadPlanner(),
+                 process_group=process_group)
+    except (CheckpointException, RuntimeError, ValueError, pickle.UnpicklingError) as err:
+        # CheckpointException derives from BaseException and names neither the checkpoint nor its files.
+        files = ", ".join(sorted(p.name for p in directory.glob("*.distcp")))
+        raise CheckpointError(f"cannot read the tensors of checkpoint {directory} ({files}): {err}") from err
 
 
 # ----------------------------------------------------------------------- JSON for Python values

@@ -30,7 +30,7 @@ from megatron.bridge.training.config import CheckpointConfig
 from megatron.bridge.training.distributed import print_rank_0
 from megatron.bridge.training.mixed_precision import MixedPrecision
 from megatron.bridge.training.optim import OptimizerParamScheduler
-from megatron.bridge.training.state import GlobalState
+from megatron.bridge.training.state import GlobalState, TrainState
 
 FORMAT_VERSION = 1
 _MODEL, _OPTIM = "model.", "optimizer."
@@ -217,6 +217,7 @@ class CheckpointManager:
         if not isinstance(common, dict) or common.get("format_version") != FORMAT_VERSION:
             raise io.CheckpointError(f"{directory / io.COMMON_FILE}: unknown checkpoint format (expected "
                                      f"format_version {FORMAT_VERSION})")
+        train_state = _parse_train_state(directory, common)
         index = io.read_index(directory)
         chunk = self.model[0]
         model_state = {_MODEL + k: v for k, v in get_model_state_dict(chunk).items()}
@@ -231,17 +232,29 @@ class CheckpointManager:
         set_model_state_dict(chunk, {k[len(_MODEL):]: v for k, v in model_state.items()})
         if optim_state is not None:
             set_optimizer_state_dict(chunk, self.optimizer, optim_state)
-            self.scheduler.load_state_dict(common["scheduler"])
+            try:
+                self.scheduler.load_state_dict(common["scheduler"])
+            except (KeyError, TypeError, ValueError) as err:
+                raise io.CheckpointError(f"{directory / io.COMMON_FILE}: invalid scheduler state ({err})") from err
             if self.precision.scaler is not None and "grad_scaler" in common:
                 self.precision.scaler.load_state_dict(common["grad_scaler"])
         if not weights_only:
-            self.state.train_state.load_state_dict(common["train_state"])
+            self.state.train_state = train_state
             self._last_saved_step = self.state.train_state.step
             self._restore_rank_state(directory)
         what = "model weights" if weights_only else "model, optimizer and training state" if load_optim else (
             "model and training state")
-        print_rank_0(f"> loaded {what} from {directory} (iteration {common['train_state']['step']}, "
+        print_rank_0(f"> loaded {what} from {directory} (iteration {train_state.step}, "
                      f"{time.perf_counter() - started:.2f} s)")
+
+
+def _parse_train_state(directory: Path, common: dict[str, Any]) -> TrainState:
+    train_state = TrainState()
+    try:
+        train_state.load_state_dict(common["train_state"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise io.CheckpointError(f"{directory / io.COMMON_FILE}: invalid train_state ({err!r})") from err
+    return train_state
 
 
 def _rank_file(rank: int) -> str:

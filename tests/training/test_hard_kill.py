@@ -1,0 +1,455 @@
+"""Nothing lost on a hard kill, and graceful stops: signals, exit_interval, exit_duration_in_mins.
+
+The hard-kill and SIGTERM tests run training in a subprocess (a script written to `tmp_path`) and
+kill it from outside; the other early stops run `pretrain` in-process.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import queue
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from megatron.bridge.recipes.qwen.qwen2 import qwen25_tiny_pretrain_config
+from megatron.bridge.training import checkpoint_io
+from megatron.bridge.training.callbacks import Callback
+from megatron.bridge.training.config import ConfigContainer
+from megatron.bridge.training.gpt_step import forward_step
+from megatron.bridge.training.pretrain import pretrain
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny matrices: intra-op threads only add contention, and the subprocesses run on one thread too,
+    # so in-process and subprocess runs compute bit for bit the same.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny_config(overrides: dict[str, Any]) -> ConfigContainer:
+    """The tiny model; `overrides` maps dotted paths with `__` for the dot (`train__train_iters`) to values."""
+    cfg = qwen25_tiny_pretrain_config()
+    model = cfg.model
+    model.num_layers, model.hidden_size, model.ffn_hidden_size = 1, 64, 128
+    model.num_attention_heads, model.num_query_groups, model.seq_length = 4, 2, 32
+    model.vocab_size = None
+    cfg.dataset.seq_length = 32
+    cfg.tokenizer.vocab_size = 128
+    cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.train.train_iters = 4, 2, 4
+    cfg.logger.log_interval, cfg.logger.tensorboard_dir = 1000, None
+    cfg.validation.eval_interval, cfg.validation.eval_iters = None, 1
+    cfg.scheduler.lr_warmup_iters = 0
+    cfg.checkpoint.save = cfg.checkpoint.load = None
+    cfg.rng.seed = 1234
+    for key, value in overrides.items():
+        target: Any = cfg
+        *path, name = key.split("__")
+        for part in path:
+            target = getattr(target, part)
+        assert hasattr(target, name), f"{type(target).__name__} has no field {name!r}"
+        setattr(target, name, value)
+    return cfg
+
+
+# The training script: the factory above, verbatim, plus a callback that reports events as JSON lines.
+SCRIPT = (
+    "import json, sys\n"
+    "from typing import Any\n"
+    "import torch\n"
+    "torch.set_num_threads(1)\n"
+    "from megatron.bridge.recipes.qwen.qwen2 import qwen25_tiny_pretrain_config\n"
+    "from megatron.bridge.training.callbacks import Callback\n"
+    "from megatron.bridge.training.config import ConfigContainer\n"
+    "from megatron.bridge.training.gpt_step import forward_step\n"
+    "from megatron.bridge.training.pretrain import pretrain\n\n"
+    + inspect.getsource(tiny_config)
+    + '''
+
+def emit(**record):
+    print("EVENT " + json.dumps(record), flush=True)
+
+
+class Reporter(Callback):
+    def on_train_start(self, context):
+        emit(event="start", step=context.state.train_state.step)
+
+    def on_train_step_end(self, context):
+        emit(event="step", step=context.state.train_state.step + 1, loss=context.loss_dict["lm loss"].item())
+
+    def on_checkpoint_save(self, context):
+        emit(event="checkpoint", step=context.state.train_state.step)
+
+    def on_train_end(self, context):
+        emit(event="train_end", step=context.state.train_state.step)
+
+    def on_eval_start(self, context):
+        emit(event="eval_start", step=context.state.train_state.step)
+
+    def on_test_start(self, context):
+        emit(event="test_start", step=context.state.train_state.step)
+
+
+pretrain(tiny_config(json.loads(sys.argv[1])), forward_step, [Reporter()])
+emit(event="returned")
+'''
+)
+
+
+class Trainer:
+    """A training subprocess whose reported events are read as they come."""
+
+    def __init__(self, tmp_path: Path, overrides: dict[str, Any]) -> None:
+        script = tmp_path / "train_script.py"
+        if not script.exists():
+            script.write_text(SCRIPT)
+        env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")}
+        env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        self.launched_ns = time.time_ns()
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script), json.dumps(overrides)], cwd=tmp_path, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.output: list[str] = []
+        self.events: list[dict[str, Any]] = []
+        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.output.append(line)
+            if line.startswith("EVENT "):
+                self._queue.put(json.loads(line[len("EVENT "):]))
+        self._queue.put(None)
+
+    def next_event(self, timeout: float = 60.0) -> dict[str, Any] | None:
+        """The next reported event; None once the process has closed its output."""
+        try:
+            record = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            self.proc.kill()
+            raise AssertionError("training subprocess reported nothing for a minute:\n" + self.log()) from None
+        if record is not None:
+            self.events.append(record)
+        return record
+
+    def wait_for(self, predicate, timeout: float = 60.0) -> dict[str, Any]:
+        while True:
+            record = self.next_event(timeout)
+            assert record is not None, "training subprocess ended early:\n" + self.log()
+            if predicate(record):
+                return record
+
+    def finish(self, timeout: float = 60.0) -> int:
+        """Wait for the process to exit on its own; its exit status."""
+        while self.next_event(timeout) is not None:
+            pass
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        os.kill(self.proc.pid, signal.SIGKILL)
+        assert self.proc.wait(timeout=30) == -signal.SIGKILL, "the process had already ended:\n" + self.log()
+        self._reader.join(timeout=30)
+        while self.next_event(timeout=1) is not None:
+            pass
+
+    def log(self) -> str:
+        return "".join(self.output[-60:])
+
+    def of(self, event: str) -> list[dict[str, Any]]:
+        return [record for record in self.events if record["event"] == event]
+
+
+def fresh_temporaries(save: Path, since_ns: int) -> list[str]:
+    """`.tmp_iter_*` directories created after `since_ns` (older ones are leftovers of earlier kills)."""
+    found = []
+    try:
+        with os.scandir(save) as entries:
+            for entry in entries:
+                if entry.name.startswith(".tmp_iter_"):
+                    try:
+                        if entry.stat().st_ctime_ns >= since_ns:
+                            found.append(entry.name)
+                    except FileNotFoundError:
+                        pass
+    except FileNotFoundError:
+        pass
+    return found
+
+
+def read_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read every file of a checkpoint through the safe readers: (common.json, all tensors)."""
+    common = checkpoint_io.read_json(directory / checkpoint_io.COMMON_FILE)
+    assert isinstance(yaml.safe_load((directory / checkpoint_io.CONFIG_FILE).read_text()), dict)
+    rank_files = sorted(directory.glob("*rank_00000.json"))
+    assert len(rank_files) == 1 and checkpoint_io.read_json(rank_files[0])
+    index = checkpoint_io.read_index(directory)
+    tensors = {
+        key: torch.empty(tuple(md.size), dtype=md.properties.dtype)
+        for key, md in index.state_dict_metadata.items()
+        if isinstance(md, TensorStorageMetadata)
+    }
+    checkpoint_io.load_tensors(tensors, directory)
+    return common, tensors
+
+
+def assert_all_checkpoints_loadable(save: Path) -> list[int]:
+    steps = checkpoint_io.list_iterations(save)
+    for step in steps:
+        common, tensors = read_checkpoint(checkpoint_io.iteration_dir(save, step))
+        assert common["train_state"]["step"] == step
+        assert any(key.startswith("model.") for key in tensors)
+        assert any(key.startswith("optimizer.") for key in tensors)
+    tracker = save / checkpoint_io.TRACKER_FILE
+    if steps:
+        tracked = int(tracker.read_text())
+        assert tracked in steps, f"the tracker points at {tracked}, which is not on disk ({steps})"
+    return steps
+
+
+# ------------------------------------------------------------------------------------------ hard kill
+
+HARD_KILL = dict(train__train_iters=40, checkpoint__save_interval=2, checkpoint__most_recent_k=3,
+                 scheduler__lr_warmup_iters=4, scheduler__lr_decay_style="cosine")
+
+
+def test_sigkill_at_any_moment_loses_nothing_and_resume_is_exact(tmp_path):
+    # The uninterrupted reference, in-process.
+    reference_dir = tmp_path / "reference"
+    losses: dict[int, float] = {}
+
+    class Losses(Callback):
+        def on_train_step_end(self, context):
+            losses[context.state.train_state.step + 1] = context.loss_dict["lm loss"].item()
+
+    pretrain(tiny_config({**HARD_KILL, "checkpoint__save": str(reference_dir)}), forward_step, [Losses()])
+    assert sorted(losses) == list(range(1, 41))
+
+    save = tmp_path / "ckpt"
+    overrides = {**HARD_KILL, "checkpoint__save": str(save)}
+    rng = random.Random(20240607)
+    seen: dict[int, list[float]] = {}
+    landed_in_save = 0
+    # Kills at a random moment after a random number of steps, kills right after an odd step (no save
+    # follows it: inside the next training step), and kills timed to land inside a save: the moment a
+    # new temporary checkpoint directory appears.
+    plan = ["random", "save", "train", "save", "random"]
+    for kind in plan:
+        before = checkpoint_io.list_iterations(save)
+        trainer = Trainer(tmp_path, overrides)
+        start = trainer.wait_for(lambda r: r["event"] == "start")["step"]
+        assert start == (before[-1] if before else 0), trainer.log()
+        if kind == "random":
+            target = start + rng.randint(1, 5)
+            trainer.wait_for(lambda r, target=target: r["event"] == "step" and r["step"] >= target)
+            time.sleep(rng.uniform(0.0, 0.05))
+        elif kind == "train":
+            target = start + rng.randint(1, 3)
+            trainer.wait_for(lambda r, target=target: r["event"] == "step" and r["step"] >= target and r["step"] % 2)
+        else:
+            trainer.wait_for(lambda r: r["event"] == "step")
+            deadline = time.monotonic() + 30
+            while not fresh_temporaries(save, trainer.launched_ns):
+                assert time.monotonic() < deadline, "no save started:\n" + trainer.log()
+                assert trainer.proc.poll() is None, "the process ended:\n" + trainer.log()
+        trainer.kill()
+        if kind == "save" and fresh_temporaries(save, trainer.launched_ns):
+            landed_in_save += 1
+        for record in trainer.of("step"):
+            seen.setdefault(record["step"], []).append(record["loss"])
+        assert trainer.of("train_end") == []
+        after = assert_all_checkpoints_loadable(save)
+        # Older checkpoints go only once a newer one is complete: the newest is never lost.
+        assert not before or (after and after[-1] >= before[-1])
+        assert len(after) <= 3
+    assert landed_in_save >= 1, "no kill landed inside a save"
+
+    # Resume to the end.
+    before = checkpoint_io.list_iterations(save)
+    assert before[-1] < 40
+    trainer = Trainer(tmp_path, overrides)
+    assert trainer.finish() == 0, trainer.log()
+    assert trainer.of("start")[0]["step"] == before[-1]
+    assert len(trainer.of("train_end")) == 1
+    assert trainer.of("returned")
+    for record in trainer.of("step"):
+        seen.setdefault(record["step"], []).append(record["loss"])
+
+    # Every loss any process reported is the uninterrupted run's, bit for bit.
+    assert set(seen) == set(range(1, 41))
+    for step, values in sorted(seen.items()):
+        assert all(value == losses[step] for value in values), (step, values, losses[step])
+
+    # Nothing lost: the newest checkpoints are there, nothing half-written is left, and the last one
+    # (model, optimizer, counters) is identical to the uninterrupted run's.
+    assert assert_all_checkpoints_loadable(save) == [36, 38, 40]
+    assert (save / checkpoint_io.TRACKER_FILE).read_text().strip() == "40"
+    assert [p.name for p in save.iterdir() if p.name.startswith(".")] == []
+    common, tensors = read_checkpoint(save / "iter_0000040")
+    reference_common, reference_tensors = read_checkpoint(reference_dir / "iter_0000040")
+    assert common["train_state"] == reference_common["train_state"]
+    assert common["scheduler"] == reference_common["scheduler"]
+    assert tensors.keys() == reference_tensors.keys()
+    for key, value in tensors.items():
+        assert torch.equal(value, reference_tensors[key]), key
+
+
+# ------------------------------------------------------------------------------------ graceful stops
+
+
+def test_sigterm_in_a_subprocess_saves_and_exits_cleanly(tmp_path):
+    save = tmp_path / "ckpt"
+    trainer = Trainer(tmp_path, dict(train__train_iters=100000, train__exit_signal_handler=True,
+                                     checkpoint__save=str(save), checkpoint__save_interval=1000,
+                                     validation__eval_iters=1))
+    trainer.wait_for(lambda r: r["event"] == "step" and r["step"] >= 3)
+    trainer.proc.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    assert trainer.finish(timeout=30) == 0, trainer.log()
+    assert time.monotonic() - signalled < 15
+    last = trainer.of("step")[-1]["step"]
+    assert 3 <= last < 100000
+    assert [r["step"] for r in trainer.of("checkpoint")] == [last]
+    assert checkpoint_io.list_iterations(save) == [last]
+    assert (save / checkpoint_io.TRACKER_FILE).read_text().strip() == str(last)
+    assert trainer.of("train_end") == []
+    assert trainer.of("eval_start") == [] and trainer.of("test_start") == []
+    assert trainer.of("returned")
+    assert "SIGTERM" in "".join(trainer.output)
+
+
+class Recorder(Callback):
+    def __init__(self, send: signal.Signals | None = None, at_step: int = 2) -> None:
+        self.events: list[tuple[str, int]] = []
+        self.send, self.at_step = send, at_step
+
+    def _record(self, name: str, context) -> None:
+        self.events.append((name, context.state.train_state.step))
+
+    def on_train_step_end(self, context):
+        self._record("on_train_step_end", context)
+        if self.send is not None and context.state.train_state.step + 1 == self.at_step:
+            os.kill(os.getpid(), self.send)
+
+    def on_checkpoint_save(self, context):
+        self._record("on_checkpoint_save", context)
+
+    def on_train_end(self, context):
+        self._record("on_train_end", context)
+
+    def on_eval_start(self, context):
+        self._record("on_eval_start", context)
+
+    def on_test_start(self, context):
+        self._record("on_test_start", context)
+
+    def steps(self) -> list[int]:
+        return [step + 1 for name, step in self.events if name == "on_train_step_end"]
+
+    def saved(self) -> list[int]:
+        return [step for name, step in self.events if name == "on_checkpoint_save"]
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.events]
+
+
+def assert_stopped_early(recorder: Recorder, save: Path | None, stop: int) -> None:
+    assert recorder.steps() == list(range(1, stop + 1))
+    assert "on_train_end" not in recorder.names()
+    assert "on_eval_start" not in recorder.names()  # post-training validation skipped
+    assert "on_test_start" not in recorder.names()  # and the test pass
+    if save is not None:
+        assert recorder.saved() == [stop]
+        assert checkpoint_io.list_iterations(save) == [stop]
+        assert (save / checkpoint_io.TRACKER_FILE).read_text().strip() == str(stop)
+        common, _ = read_checkpoint(save / f"iter_{stop:07d}")
+        assert common["train_state"]["step"] == stop
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_finishes_the_step_saves_and_returns(tmp_path, capsys, sig):
+    received: list[int] = []
+
+    def guard(signum, frame):  # in place of the default handler, in case pretrain installs none
+        received.append(signum)
+
+    previous = signal.signal(sig, guard)
+    try:
+        save = tmp_path / "ckpt"
+        recorder = Recorder(send=sig, at_step=2)
+        pretrain(tiny_config(dict(train__train_iters=8, train__exit_signal_handler=True,
+                                  checkpoint__save=str(save))), forward_step, [recorder])
+        assert received == [], "pretrain did not handle the signal"
+        assert signal.getsignal(sig) is guard, "pretrain did not restore the previous handler"
+    finally:
+        signal.signal(sig, previous)
+    assert_stopped_early(recorder, save, 2)
+    assert sig.name in capsys.readouterr().out
+
+
+def test_without_exit_signal_handler_pretrain_leaves_signals_alone(tmp_path):
+    received: list[int] = []
+
+    def guard(signum, frame):
+        received.append(signum)
+
+    previous = signal.signal(signal.SIGTERM, guard)
+    try:
+        recorder = Recorder(send=signal.SIGTERM, at_step=2)
+        pretrain(tiny_config(dict(train__train_iters=4)), forward_step, [recorder])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert received == [signal.SIGTERM]
+    assert recorder.steps() == [1, 2, 3, 4]
+    assert "on_train_end" in recorder.names()
+
+
+def test_exit_duration_in_mins_stops_after_the_first_step(tmp_path, capsys):
+    save = tmp_path / "ckpt"
+    recorder = Recorder()
+    pretrain(tiny_config(dict(train__train_iters=8, train__exit_duration_in_mins=0.0001,
+                              validation__eval_interval=4, checkpoint__save=str(save))), forward_step, [recorder])
+    assert_stopped_early(recorder, save, 1)
+    assert "exit_duration_in_mins" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("save_interval", "async_save"), [(None, False), (3, False), (None, True), (2, True)],
+                         ids=["final-save", "already-saved", "async", "async-interval"])
+def test_exit_interval_stops_saves_once_and_returns(tmp_path, capsys, save_interval, async_save):
+    save = tmp_path / "ckpt"
+    recorder = Recorder()
+    pretrain(tiny_config(dict(train__train_iters=8, train__exit_interval=3, checkpoint__save=str(save),
+                              checkpoint__save_interval=save_interval, checkpoint__async_save=async_save)),
+             forward_step, [recorder])
+    assert recorder.steps() == [1, 2, 3]
+    assert "on_train_end" not in recorder.names()
+    assert "on_eval_start" not in recorder.names() and "on_test_start" not in recorder.names()
+    expected = [2, 3] if save_interval == 2 else [3]
+    assert checkpoint_io.list_iterations(save) == expected
+    assert len(recorder.saved()) == len(expected)
+    assert "exit_interval" in capsys.readouterr().out
+
+
+def test_exit_interval_without_checkpointing_returns_without_on_train_end(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recorder = Recorder()
+    pretrain(tiny_config(dict(train__train_iters=8, train__exit_interval=2)), forward_step, [recorder])
+    assert_stopped_early(recorder, None, 2)
+    assert list(tmp_path.iterdir()) == []
