@@ -23,7 +23,7 @@ Module tree (`N` = layer index):
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -73,16 +73,33 @@ def build_norm(kind: str, hidden_size: int, eps: float) -> nn.Module:
     raise ValueError(f"unknown normalization {kind!r}: choose RMSNorm or LayerNorm")
 
 
+def llama3_scaled_frequencies(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
+    """Llama 3.1's long-context rotary frequencies (`rope_scaling` with `rope_type="llama3"`).
+
+    With `L = original_max_position_embeddings`, a frequency whose wavelength is shorter than
+    `L / high_freq_factor` is kept, one longer than `L / low_freq_factor` is divided by `factor`, and
+    the ones in between move linearly (in `L / wavelength`) from divided to kept.
+    """
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    periods_in_context = scaling["original_max_position_embeddings"] * inv_freq / (2 * math.pi)
+    # 0 for long wavelengths (fully scaled), 1 for short ones (unchanged), linear in between.
+    keep = ((periods_in_context - low) / (high - low)).clamp(0.0, 1.0)
+    return inv_freq * ((1.0 - keep) / factor + keep)
+
+
 def rotary_cos_sin(
-    position_ids: torch.Tensor, head_dim: int, base: float
+    position_ids: torch.Tensor, head_dim: int, base: float, scaling: dict[str, Any] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosine and sine tables `[batch, 1, seq, head_dim]` (float32) for the given position ids.
 
-    Frequencies are recomputed each call rather than cached in a buffer: it costs `head_dim / 2` values
-    and keeps the model free of buffers that meta-device construction or checkpoint loading must fill.
+    `scaling` is the provider's `rope_scaling` (None: plain RoPE). Frequencies are recomputed each call
+    rather than cached in a buffer: it costs `head_dim / 2` values and keeps the model free of buffers
+    that meta-device construction or checkpoint loading must fill.
     """
     exponents = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim
     inv_freq = 1.0 / (base**exponents)
+    if scaling is not None:
+        inv_freq = llama3_scaled_frequencies(inv_freq, scaling)
     angles = position_ids.float().unsqueeze(-1) * inv_freq  # [b, s, head_dim / 2]
     # Rotate-half layout (as in HF Llama/Qwen2): both halves of the head share one frequency table.
     angles = torch.cat((angles, angles), dim=-1).unsqueeze(1)
@@ -267,7 +284,9 @@ class GPTModel(nn.Module):
         b, s = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(s, device=input_ids.device).unsqueeze(0).expand(b, s)
-        rope = rotary_cos_sin(position_ids, self.config.resolved_kv_channels, self.config.rotary_base)
+        rope = rotary_cos_sin(
+            position_ids, self.config.resolved_kv_channels, self.config.rotary_base, self.config.rope_scaling
+        )
         x = self.embedding_dropout(self.embedding(input_ids))
         x = self.final_norm(self._run_layers(x, rope, attention_mask))
         weight = self.embedding.weight if self.output_layer is None else self.output_layer.weight

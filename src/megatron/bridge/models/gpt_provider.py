@@ -8,6 +8,7 @@ from others when read through the `resolved_*` properties, so shrinking a recipe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,11 @@ from megatron.bridge.training.config import config_error
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 POSITION_EMBEDDING_TYPES = ("rope",)
 RECOMPUTE_GRANULARITIES = (None, "full")
+ROPE_SCALING_TYPES = ("llama3",)
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+PreWrapHook = Callable[[GPTModel], "GPTModel | None"]
+"""Called with the freshly built model at the end of `provide()`; may return a replacement model."""
 
 
 def _is_positive_int(value: Any) -> bool:
@@ -59,6 +65,10 @@ class GPTModelProvider:
     """How positions enter the model; only `rope` (rotary embeddings) is implemented."""
     rotary_base: int = 10000
     """Base of the rotary embedding frequencies."""
+    rope_scaling: dict[str, Any] | None = None
+    """Long-context rotary frequency scaling, as Hugging Face's `rope_scaling` (None: plain RoPE). Only
+    Llama 3.1's is implemented: `{"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}`."""
     share_embeddings_and_output_weights: bool = True
     """Tie the output layer to the input embedding."""
     init_method_std: float = 0.02
@@ -75,6 +85,24 @@ class GPTModelProvider:
     """Context parallelism; only 1 is supported."""
     recompute_granularity: str | None = None
     """Activation recomputation: None, or `full` to recompute each whole block during backward."""
+
+    def __post_init__(self) -> None:
+        # Hooks are behaviour, not configuration: kept off the dataclass fields so that equality,
+        # `ConfigContainer.to_dict()` and run_config.yaml describe the architecture only.
+        self._pre_wrap_hooks: list[PreWrapHook] = []
+
+    def register_pre_wrap_hook(self, hook: PreWrapHook) -> None:
+        """Run `hook(model)` at the end of `provide()`, before the trainer wraps the model for data parallelism.
+
+        Hooks run in registration order on the float32 model; one that returns a model replaces it. The
+        bridge uses this to load Hugging Face weights (`AutoBridge.to_megatron_provider(load_weights=True)`).
+        """
+        self._pre_wrap_hooks.append(hook)
+
+    @property
+    def pre_wrap_hooks(self) -> tuple[PreWrapHook, ...]:
+        """The hooks `provide()` runs, in order."""
+        return tuple(self._pre_wrap_hooks)
 
     @property
     def resolved_ffn_hidden_size(self) -> int:
@@ -155,9 +183,27 @@ class GPTModelProvider:
         for name in ("init_method_std", "rotary_base", "layernorm_epsilon"):
             if not getattr(self, name) > 0:
                 raise config_error(f"model.{name}", getattr(self, name), "a positive number")
+        self._validate_rope_scaling()
+
+    def _validate_rope_scaling(self) -> None:
+        scaling = self.rope_scaling
+        if scaling is None:
+            return
+        expected = f"None or a dict with rope_type in {ROPE_SCALING_TYPES} and {', '.join(LLAMA3_ROPE_KEYS)}"
+        if not isinstance(scaling, dict) or scaling.get("rope_type") not in ROPE_SCALING_TYPES:
+            raise config_error("model.rope_scaling", scaling, expected)
+        for key in LLAMA3_ROPE_KEYS:
+            value = scaling.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise config_error(f"model.rope_scaling[{key!r}]", value, "a positive number")
+        if not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
+            raise config_error(
+                "model.rope_scaling['high_freq_factor']", scaling["high_freq_factor"],
+                f"greater than low_freq_factor={scaling['low_freq_factor']}",
+            )
 
     def provide(self, pre_process: bool = True, post_process: bool = True) -> GPTModel:
-        """Build the model in float32 on the current default device (CPU unless changed).
+        """Build the model in float32 on the current default device (CPU unless changed), then run the hooks.
 
         Initialisation draws from torch's global RNG, so a fixed seed gives identical weights.
         `pre_process`/`post_process` exist for Megatron compatibility; without pipeline parallelism the
@@ -170,4 +216,7 @@ class GPTModelProvider:
             )
         self.validate()
         _ = self.padded_vocab_size  # a still-missing vocab_size fails here with a clear message
-        return GPTModel(self).float()
+        model = GPTModel(self).float()
+        for hook in self._pre_wrap_hooks:
+            model = hook(model) or model
+        return model

@@ -1,0 +1,297 @@
+"""`AutoBridge`: Hugging Face checkpoints in and out of our GPT model.
+
+    bridge = AutoBridge.from_hf_pretrained("./Qwen2.5-0.5B")      # a local folder
+    cfg.model = bridge.to_megatron_provider()                      # provide() loads the HF weights
+    ...                                                            # train
+    bridge.save_hf_pretrained(model, "./Qwen2.5-0.5B-tuned")       # transformers loads this unchanged
+
+Conversion is renaming only (see `param_mapping`), so values round-trip bit for bit. Reading needs
+nothing beyond torch: safetensors files are parsed here, and `transformers` is never imported.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron.bridge.models.conversion import megatron_checkpoint
+from megatron.bridge.models.conversion.hf_config import (
+    SUPPORTED_ARCHITECTURES,
+    Architecture,
+    architecture_of,
+    config_dtype,
+    dtype_key,
+    provider_from_hf_config,
+)
+from megatron.bridge.models.conversion.hf_folder import (
+    CONFIG_FILE,
+    HFWeights,
+    auxiliary_files,
+    copy_files,
+    read_config,
+    staged_output,
+    write_json_file,
+)
+from megatron.bridge.models.conversion.param_mapping import (
+    TIED_OUTPUT_NAME,
+    TensorPlan,
+    check_tensors,
+    hf_tensor_shapes,
+    megatron_param_shapes,
+    to_hf_name,
+)
+from megatron.bridge.models.conversion.safetensors_io import TensorSpec, parse_size, write_safetensors_shards
+from megatron.bridge.models.decoder import GPTModel
+from megatron.bridge.models.gpt_provider import GPTModelProvider
+
+ModelLike = nn.Module | Sequence[nn.Module]
+"""A model chunk, a list of chunks, or a chunk wrapped by DDP / FSDP2 / torch.compile."""
+
+
+def open_weights(folder: Path, expected: dict[str, torch.Size], expected_from: str, *, tied: bool) -> HFWeights:
+    """The weights of `folder`, checked against the Hugging Face tensor names and shapes in `expected`."""
+    weights = HFWeights(folder)
+    check_tensors(
+        {name: spec.shape for name, spec in weights.specs.items()}, expected, source=f"weights in {folder}",
+        expected_from=expected_from, ignorable={TIED_OUTPUT_NAME} if tied else (), locations=weights.location,
+    )
+    return weights
+
+
+@dataclass(frozen=True)
+class HFWeightLoader:
+    """A provider pre-wrap hook that copies a Hugging Face folder's weights into the freshly built model.
+
+    A small picklable object rather than a closure, so providers carrying it can still be deep-copied.
+    """
+
+    folder: Path
+    """The Hugging Face model folder to read."""
+    loads_weights: ClassVar[bool] = True
+    """Tells `finetune` that a provider carrying this hook brings its own weights."""
+
+    def __call__(self, model: GPTModel) -> None:
+        """Check every name and shape first, then copy tensor by tensor (converting to the model's dtype)."""
+        params = dict(model.named_parameters())
+        expected = {to_hf_name(name): param.shape for name, param in params.items()}
+        # The model may differ from the folder's config.json when the provider was edited after conversion.
+        weights = open_weights(self.folder, expected, "the model built from the provider",
+                               tied=model.output_layer is None)
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(weights.read(to_hf_name(name)))
+
+
+class AutoBridge:
+    """Converts between a local Hugging Face folder (Qwen2, Llama) and our providers, models and checkpoints."""
+
+    def __init__(self, folder: Path, config: dict[str, Any], architecture: Architecture,
+                 weights: HFWeights | None) -> None:
+        self.folder = folder
+        self.architecture = architecture
+        self._config = config
+        self._weights = weights
+
+    # ------------------------------------------------------------------------------------- opening
+
+    @classmethod
+    def from_hf_pretrained(cls, path: str | os.PathLike) -> AutoBridge:
+        """Open the Hugging Face model folder `path` (config.json plus, optionally, its weights).
+
+        The config and the weight files' headers are checked now (names, shapes, missing shards), but no
+        tensor data is read. A folder without weights still gives a provider with `load_weights=False`.
+        """
+        folder = Path(path)
+        config = read_config(folder)
+        source = str(folder / CONFIG_FILE)
+        architecture = architecture_of(config, source)
+        provider = provider_from_hf_config(config, source)
+        weights = None
+        if HFWeights.present(folder):
+            weights = open_weights(folder, hf_tensor_shapes(provider), source,
+                                   tied=provider.share_embeddings_and_output_weights)
+        return cls(folder, config, architecture, weights)
+
+    @staticmethod
+    def list_supported_models() -> list[str]:
+        """The Hugging Face architectures the bridge converts."""
+        return list(SUPPORTED_ARCHITECTURES)
+
+    @classmethod
+    def can_handle(cls, path: str | os.PathLike) -> bool:
+        """True when `path` is a local folder whose config.json names a supported architecture."""
+        try:
+            config = read_config(Path(path))
+            provider_from_hf_config(config, str(Path(path) / CONFIG_FILE))
+        except ValueError:
+            return False
+        return True
+
+    @property
+    def hf_config(self) -> dict[str, Any]:
+        """A copy of the source's config.json."""
+        return dict(self._config)
+
+    def _require_weights(self) -> HFWeights:
+        if self._weights is None:
+            raise ValueError(f"{self.folder} holds no weights (only {CONFIG_FILE}); use load_weights=False")
+        return self._weights
+
+    # ----------------------------------------------------------------------------------- importing
+
+    def to_megatron_provider(self, load_weights: bool = True) -> GPTModelProvider:
+        """A provider (Qwen2ModelProvider / LlamaModelProvider) for the architecture in config.json.
+
+        With `load_weights` its `provide()` returns the model with the Hugging Face weights loaded. Assign it
+        to `cfg.model` after building a recipe, and set `cfg.model.seq_length = cfg.dataset.seq_length`:
+        `seq_length` starts at the model's `max_position_embeddings`, usually far longer than training needs.
+        """
+        provider = provider_from_hf_config(self._config, str(self.folder / CONFIG_FILE))
+        if load_weights:
+            self._require_weights()
+            provider.register_pre_wrap_hook(HFWeightLoader(self.folder.absolute()))
+        return provider
+
+    def to_megatron_model(self, load_weights: bool = True, device: str | torch.device | None = None) -> list[GPTModel]:
+        """The model as a list of chunks (one: no pipeline parallelism), float32, on `device` (default CPU)."""
+        model = self.to_megatron_provider(load_weights).provide()
+        return [model.to(device) if device is not None else model]
+
+    def load_hf_weights(self, model: ModelLike) -> None:
+        """Copy the Hugging Face weights into an existing (unsharded) model of this architecture."""
+        self._require_weights()
+        for chunk in _chunks(model):
+            HFWeightLoader(self.folder)(chunk)
+
+    # ----------------------------------------------------------------------------------- exporting
+
+    def _target_dtype(self, hf_name: str, dtype: torch.dtype | None, fallback: torch.dtype) -> torch.dtype:
+        if dtype is not None:
+            return dtype
+        if self._weights is not None and hf_name in self._weights.specs:
+            return self._weights.specs[hf_name].dtype
+        return config_dtype(self._config) or fallback
+
+    def _export_plan(
+        self, model: ModelLike, dtype: torch.dtype | None
+    ) -> tuple[dict[str, nn.Parameter], list[TensorPlan]]:
+        params = _named_parameters(model)
+        provider = provider_from_hf_config(self._config)
+        expected = megatron_param_shapes(provider)
+        check_tensors({n: p.shape for n, p in params.items()}, expected, source="the model",
+                      expected_from=f"{self.folder / CONFIG_FILE}")
+        plan = []
+        for name, shape in expected.items():
+            hf_name = to_hf_name(name)
+            target = self._target_dtype(hf_name, dtype, params[name].dtype)
+            plan.append(TensorPlan(name, hf_name, TensorSpec(tuple(shape), target)))
+        return params, plan
+
+    def export_hf_weights(
+        self, model: ModelLike, dtype: torch.dtype | None = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield `(hf_name, tensor)` one at a time: CPU copies in the source's dtype (or `dtype`).
+
+        Accepts a chunk, a list of chunks, or a DDP / FSDP2 / compiled chunk. FSDP2 shards are gathered
+        (`full_tensor()`, a collective: every rank must iterate).
+        """
+        params, plan = self._export_plan(model, dtype)  # checked now, not at the first next()
+        return _stream(params, plan)
+
+    def save_hf_pretrained(self, model: ModelLike, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                           max_shard_size: int | str = "5GB", overwrite: bool = False) -> Path:
+        """Write `model` as a Hugging Face folder that `AutoModelForCausalLM.from_pretrained` loads unchanged.
+
+        The folder gets the source's config.json (its dtype updated when `dtype` is given), its
+        generation_config.json and tokenizer files, and safetensors shards of at most `max_shard_size`
+        (with an index when there is more than one). Written atomically; on several ranks rank 0 writes.
+        """
+        params, plan = self._export_plan(model, dtype)
+        tensors = _stream(params, plan)
+        if dist.is_initialized() and dist.get_rank() != 0:
+            for _ in tensors:  # take part in the FSDP2 gathers, write nothing
+                pass
+            return Path(path)
+        config = self.hf_config
+        if dtype is not None:
+            config[dtype_key(config)] = str(dtype).removeprefix("torch.")
+        with staged_output(path, overwrite) as staging:
+            write_json_file(staging / CONFIG_FILE, config)
+            copy_files(auxiliary_files(self.folder), staging)
+            write_safetensors_shards(staging, [(item.hf_name, item.spec) for item in plan], tensors,
+                                     parse_size(max_shard_size))
+        return Path(path)
+
+    # ------------------------------------------------------------------------- checkpoint conversion
+
+    @classmethod
+    def import_ckpt(cls, hf_path: str | os.PathLike, megatron_path: str | os.PathLike, *,
+                    dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
+        """Convert a Hugging Face folder into a training checkpoint (`<megatron_path>/iter_0000000`, step 0).
+
+        `cfg.checkpoint.pretrained_checkpoint = megatron_path` then starts training from these weights.
+        Tensors keep the source's dtype (or `dtype`); config.json, generation_config.json and the
+        tokenizer files are kept in `iter_0000000/hf/` for the way back. Peak memory: about one copy.
+        """
+        bridge = cls.from_hf_pretrained(hf_path)
+        weights = bridge._require_weights()
+        provider = bridge.to_megatron_provider(load_weights=False)
+        return megatron_checkpoint.import_weights(
+            weights, provider, megatron_path, hf_config=bridge.hf_config, hf_files=auxiliary_files(bridge.folder),
+            dtype=dtype, overwrite=overwrite,
+        )
+
+    @classmethod
+    def export_ckpt(cls, megatron_path: str | os.PathLike, hf_path: str | os.PathLike, *,
+                    iteration: int | None = None, source: str | os.PathLike | None = None,
+                    dtype: torch.dtype | None = None, max_shard_size: int | str = "5GB",
+                    overwrite: bool = False) -> Path:
+        """Convert a training checkpoint (the latest, or `iteration`) into a Hugging Face folder.
+
+        config.json and the tokenizer files come from `source` (a Hugging Face folder) when given, else
+        from the `hf/` folder `import_ckpt` stored, found in the checkpoint or in the checkpoint it was
+        finetuned from; failing that, config.json is rebuilt from run_config.yaml's model section.
+        Tensors are streamed one at a time, in config.json's dtype (or `dtype`).
+        """
+        return megatron_checkpoint.export_weights(
+            megatron_path, hf_path, iteration=iteration, source=None if source is None else Path(source),
+            dtype=dtype, max_shard_size=parse_size(max_shard_size), overwrite=overwrite,
+        )
+
+
+# -------------------------------------------------------------------------------- model handling
+
+
+def _chunks(model: ModelLike) -> list[nn.Module]:
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    unwrapped = []
+    for chunk in chunks:
+        chunk = getattr(chunk, "_orig_mod", chunk)  # torch.compile
+        chunk = chunk.module if isinstance(chunk, nn.parallel.DistributedDataParallel) else chunk
+        unwrapped.append(getattr(chunk, "_orig_mod", chunk))
+    return unwrapped
+
+
+def _named_parameters(model: ModelLike) -> dict[str, nn.Parameter]:
+    params: dict[str, nn.Parameter] = {}
+    for chunk in _chunks(model):
+        for name, param in chunk.named_parameters():
+            if name in params:
+                raise ValueError(f"parameter {name!r} appears in more than one model chunk")
+            params[name] = param
+    return params
+
+
+def _stream(params: dict[str, nn.Parameter], plan: list[TensorPlan]) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, hf_name, spec in plan:
+        tensor = params[name].detach()
+        if hasattr(tensor, "full_tensor"):  # an FSDP2 shard (DTensor)
+            tensor = tensor.full_tensor()
+        yield hf_name, tensor.to(device="cpu", dtype=spec.dtype, copy=True)

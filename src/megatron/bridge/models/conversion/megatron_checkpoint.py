@@ -1,0 +1,234 @@
+"""Training checkpoints (checkpoint_io's format) <-> Hugging Face folders, without building a model.
+
+Import reads the Hugging Face tensors one at a time into a single state dict (one copy of the
+weights) and saves it as `iter_0000000` through `checkpoint_io`. Export reads a checkpoint's model
+tensors a few at a time (`torch.distributed.checkpoint` loads only what is asked for) and streams
+them into safetensors shards, so it never holds more than a small group of tensors. Both run in a
+single process: the checkpoint calls would otherwise wait for the other ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from megatron.bridge import models
+from megatron.bridge.models.conversion.hf_config import (
+    config_dtype,
+    dtype_key,
+    hf_config_from_provider,
+    provider_from_hf_config,
+)
+from megatron.bridge.models.conversion.hf_folder import (
+    CONFIG_FILE,
+    HFWeights,
+    auxiliary_files,
+    copy_files,
+    read_config,
+    staged_output,
+    write_json_file,
+)
+from megatron.bridge.models.conversion.param_mapping import (
+    TensorPlan,
+    check_tensors,
+    megatron_param_shapes,
+    to_hf_name,
+)
+from megatron.bridge.models.conversion.safetensors_io import TensorSpec, write_safetensors_shards
+from megatron.bridge.models.gpt_provider import GPTModelProvider
+from megatron.bridge.training import checkpoint_io as io
+from megatron.bridge.training.checkpointing import FORMAT_VERSION
+from megatron.bridge.training.config import ConfigContainer, GPTDatasetConfig, OptimizerConfig, TrainingConfig
+from megatron.bridge.training.state import TrainState
+
+MODEL_PREFIX = "model."
+"""Key prefix of model tensors in a checkpoint."""
+HF_SUBDIR = "hf"
+"""Folder inside an imported `iter_*` checkpoint holding the source's config and tokenizer files."""
+_READ_GROUP_BYTES = 128 * 2**20  # tensors read per checkpoint call on export: fewer calls, bounded memory
+_MAX_ANCESTORS = 16
+
+
+@contextlib.contextmanager
+def _single_process() -> Iterator[None]:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        raise ValueError("checkpoint conversion runs in a single process: call it outside torchrun (or on a "
+                         "world of one); several ranks would each wait for the others")
+    with warnings.catch_warnings():
+        # Without a process group torch.distributed.checkpoint warns that it assumes one process: it should.
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        yield
+
+
+def _run_config_dict(provider: GPTModelProvider) -> dict[str, Any]:
+    # A complete, valid ConfigContainer with defaults around the imported model, in training's format.
+    container = ConfigContainer(model=provider, train=TrainingConfig(), optimizer=OptimizerConfig(),
+                                dataset=GPTDatasetConfig(seq_length=provider.seq_length))
+    return container.to_dict()
+
+
+def import_weights(weights: HFWeights, provider: GPTModelProvider, megatron_path: str | Path, *,
+                   hf_config: dict[str, Any], hf_files: list[Path], dtype: torch.dtype | None,
+                   overwrite: bool) -> Path:
+    """Write `weights` (already checked against `provider`) as the step-0 checkpoint `megatron_path`.
+
+    `hf_config` and `hf_files` (generation config, tokenizer) are kept in `iter_0000000/hf/`.
+    """
+    if dtype is not None:  # the way back should produce the dtype stored here
+        hf_config = {**hf_config, dtype_key(hf_config): str(dtype).removeprefix("torch.")}
+    shapes = megatron_param_shapes(provider)
+    with _single_process(), staged_output(megatron_path, overwrite) as root:
+        staging = io.prepare_temporary_dir(root, 0)
+        tensors = {}
+        for name in shapes:
+            tensor = weights.read(to_hf_name(name))
+            tensors[MODEL_PREFIX + name] = tensor if dtype is None else tensor.to(dtype)
+        io.save_tensors(tensors, staging)
+        del tensors
+        io.write_json(staging / io.COMMON_FILE,
+                      {"format_version": FORMAT_VERSION, "train_state": TrainState().state_dict()})
+        run_config = yaml.safe_dump(_run_config_dict(provider), sort_keys=False)
+        io.write_file_durably(staging / io.CONFIG_FILE, run_config.encode())
+        (staging / HF_SUBDIR).mkdir()
+        write_json_file(staging / HF_SUBDIR / CONFIG_FILE, hf_config)
+        copy_files(hf_files, staging / HF_SUBDIR)
+        io.commit(root, 0)
+    return Path(megatron_path)
+
+
+# ------------------------------------------------------------------------------------------- export
+
+
+def _iteration_directory(root: Path, iteration: int | None) -> Path:
+    if iteration is None:
+        directory = io.find_latest(root)
+        if directory is None:
+            raise ValueError(f"{root} holds no checkpoint (expected iter_* folders, or an iter_* folder)")
+        return directory
+    directory = io.iteration_dir(root, iteration)
+    if not directory.is_dir():
+        available = io.list_iterations(root)
+        raise ValueError(f"{root} has no checkpoint of iteration {iteration}; available: {available or 'none'}")
+    return directory
+
+
+def _read_run_config(directory: Path) -> dict[str, Any]:
+    path = directory / io.CONFIG_FILE
+    if not path.is_file():
+        return {}
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"cannot read {path}: {err}") from err
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def find_hf_source(directory: Path) -> Path | None:
+    """The `hf/` folder of `directory` or, following run_config.yaml's pretrained_checkpoint and load,
+    of the checkpoint it was trained from (the finetuned-from chain back to the imported one)."""
+    pending, seen = [directory], set()
+    while pending and len(seen) < _MAX_ANCESTORS:
+        current = pending.pop(0).absolute()
+        if current in seen:
+            continue
+        seen.add(current)
+        if (current / HF_SUBDIR / CONFIG_FILE).is_file():
+            return current / HF_SUBDIR
+        checkpoint_cfg = _read_run_config(current).get("checkpoint") or {}
+        for key in ("pretrained_checkpoint", "load"):
+            origin = checkpoint_cfg.get(key)
+            latest = io.find_latest(origin) if isinstance(origin, str) else None
+            if latest is not None:
+                pending.append(latest)
+    return None
+
+
+def _provider_classes() -> dict[str, type[GPTModelProvider]]:
+    # Only the package's own providers are built from a YAML `_target_`: nothing named there is imported.
+    classes = [getattr(models, name) for name in models.__all__ if "Provider" in name]
+    return {f"{c.__module__}.{c.__qualname__}": c for c in classes}
+
+
+def provider_from_run_config(directory: Path) -> GPTModelProvider:
+    """The provider run_config.yaml's model section describes (only known provider classes are built)."""
+    model = _read_run_config(directory).get("model")
+    if not isinstance(model, dict):
+        raise ValueError(
+            f"{directory} has no {HF_SUBDIR}/{CONFIG_FILE} and no model section in {io.CONFIG_FILE}, and no "
+            "checkpoint it was trained from has one: pass source= (--source) naming the original Hugging Face folder"
+        )
+    cls = _provider_classes().get(model.get("_target_"), GPTModelProvider)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    return cls(**{key: value for key, value in model.items() if key in names})
+
+
+def _stored_model_tensors(directory: Path) -> dict[str, TensorStorageMetadata]:
+    index = io.read_index(directory)
+    return {
+        key[len(MODEL_PREFIX):]: meta for key, meta in index.state_dict_metadata.items()
+        if key.startswith(MODEL_PREFIX) and isinstance(meta, TensorStorageMetadata)
+    }
+
+
+def _read_groups(directory: Path, stored: dict[str, TensorStorageMetadata],
+                 plan: list[TensorPlan]) -> Iterator[tuple[str, torch.Tensor]]:
+    group: list[TensorPlan] = []
+    group_bytes = 0
+    for index, item in enumerate(plan):
+        meta = stored[item.megatron_name]
+        group.append(item)
+        group_bytes += meta.size.numel() * meta.properties.dtype.itemsize
+        if group_bytes < _READ_GROUP_BYTES and index + 1 < len(plan):
+            continue
+        buffers = {MODEL_PREFIX + name: torch.empty(stored[name].size, dtype=stored[name].properties.dtype)
+                   for name, _, _ in group}
+        io.load_tensors(buffers, directory)
+        for name, hf_name, spec in group:
+            yield hf_name, buffers.pop(MODEL_PREFIX + name).to(spec.dtype)
+        group, group_bytes = [], 0
+
+
+def _export_config(directory: Path, source: Path | None, dtype: torch.dtype | None,
+                   stored: dict[str, TensorStorageMetadata]) -> tuple[dict[str, Any], list[Path], Path]:
+    """config.json to write, the files to copy beside it, and where the config came from."""
+    hf_folder = source if source is not None else find_hf_source(directory)
+    if hf_folder is not None:
+        return read_config(hf_folder), auxiliary_files(hf_folder), hf_folder / CONFIG_FILE
+    stored_dtype = next(iter(stored.values())).properties.dtype if stored else torch.float32
+    config = hf_config_from_provider(provider_from_run_config(directory), dtype or stored_dtype)
+    return config, [], directory / io.CONFIG_FILE
+
+
+def export_weights(megatron_path: str | Path, hf_path: str | Path, *, iteration: int | None, source: Path | None,
+                   dtype: torch.dtype | None, max_shard_size: int, overwrite: bool) -> Path:
+    """Write the model tensors of a checkpoint as the Hugging Face folder `hf_path` (see AutoBridge.export_ckpt)."""
+    directory = _iteration_directory(Path(megatron_path), iteration)
+    common = io.read_json(directory / io.COMMON_FILE)
+    if not isinstance(common, dict) or common.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{directory / io.COMMON_FILE}: unknown checkpoint format (expected format_version "
+                         f"{FORMAT_VERSION})")
+    stored = _stored_model_tensors(directory)
+    config, extra_files, config_source = _export_config(directory, source, dtype, stored)
+    shapes = megatron_param_shapes(provider_from_hf_config(config, str(config_source)))
+    check_tensors({n: tuple(m.size) for n, m in stored.items()}, shapes, source=f"checkpoint {directory}",
+                  expected_from=str(config_source))
+    if dtype is not None:
+        config[dtype_key(config)] = str(dtype).removeprefix("torch.")
+    target = dtype or config_dtype(config)
+    plan = [TensorPlan(name, to_hf_name(name), TensorSpec(tuple(shape), target or stored[name].properties.dtype))
+            for name, shape in shapes.items()]
+    with _single_process(), staged_output(hf_path, overwrite) as staging:
+        write_json_file(staging / CONFIG_FILE, config)
+        copy_files(extra_files, staging)
+        write_safetensors_shards(staging, [(item.hf_name, item.spec) for item in plan],
+                                 _read_groups(directory, stored, plan), max_shard_size)
+    return Path(hf_path)

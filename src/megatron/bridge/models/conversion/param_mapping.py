@@ -1,0 +1,163 @@
+"""Parameter names: ours (Megatron Core's) against Hugging Face's Qwen2 / Llama layout, one table both ways.
+
+Our decoder keeps q, k, v and gate, up as separate layers, so every Hugging Face tensor maps onto
+exactly one of our parameters with the same shape and layout: conversion is renaming, never
+splitting, fusing or permuting. `{layer}` stands for the layer index.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection
+from dataclasses import dataclass
+from functools import cached_property
+from typing import NamedTuple
+
+import torch
+
+from megatron.bridge.models.conversion.safetensors_io import TensorSpec
+from megatron.bridge.models.decoder import GPTModel
+from megatron.bridge.models.gpt_provider import GPTModelProvider
+
+_LAYER = "{layer}"
+
+
+@dataclass(frozen=True)
+class NameMapping:
+    """One row of the table: our parameter name and the Hugging Face tensor name, with `{layer}` patterns."""
+
+    megatron: str
+    """Our name, e.g. `layers.{layer}.self_attention.linear_q.weight`."""
+    hf: str
+    """Hugging Face's name, e.g. `model.layers.{layer}.self_attn.q_proj.weight`."""
+
+    @cached_property
+    def _megatron_regex(self) -> re.Pattern[str]:
+        return _compile(self.megatron)
+
+    @cached_property
+    def _hf_regex(self) -> re.Pattern[str]:
+        return _compile(self.hf)
+
+    def hf_name(self, megatron_name: str) -> str | None:
+        """The Hugging Face name for `megatron_name`, or None when this row does not match it."""
+        match = self._megatron_regex.fullmatch(megatron_name)
+        return None if match is None else self.hf.replace(_LAYER, match.groupdict().get("layer", ""))
+
+    def megatron_name(self, hf_name: str) -> str | None:
+        """Our name for `hf_name`, or None when this row does not match it."""
+        match = self._hf_regex.fullmatch(hf_name)
+        return None if match is None else self.megatron.replace(_LAYER, match.groupdict().get("layer", ""))
+
+
+class TensorPlan(NamedTuple):
+    """One tensor to convert: our name, the Hugging Face name, and the shape and dtype to write it in."""
+
+    megatron_name: str
+    hf_name: str
+    spec: TensorSpec
+
+
+def _compile(pattern: str) -> re.Pattern[str]:
+    return re.compile(re.escape(pattern).replace(re.escape(_LAYER), r"(?P<layer>\d+)"))
+
+
+def _layer(ours: str, theirs: str) -> NameMapping:
+    return NameMapping(f"layers.{_LAYER}.{ours}", f"model.layers.{_LAYER}.{theirs}")
+
+
+PARAM_MAPPINGS: tuple[NameMapping, ...] = (
+    NameMapping("embedding.weight", "model.embed_tokens.weight"),
+    _layer("input_layernorm.weight", "input_layernorm.weight"),
+    *(
+        _layer(f"self_attention.linear_{ours}.{kind}", f"self_attn.{theirs}_proj.{kind}")
+        for ours, theirs in (("q", "q"), ("k", "k"), ("v", "v"), ("proj", "o"))
+        for kind in ("weight", "bias")
+    ),
+    _layer("pre_mlp_layernorm.weight", "post_attention_layernorm.weight"),
+    *(
+        _layer(f"mlp.linear_{name}.{kind}", f"mlp.{name}_proj.{kind}")
+        for name in ("gate", "up", "down")
+        for kind in ("weight", "bias")
+    ),
+    NameMapping("final_norm.weight", "model.norm.weight"),
+    NameMapping("output_layer.weight", "lm_head.weight"),
+)
+"""Every parameter the bridge converts (biases exist only when the architecture has them)."""
+
+TIED_OUTPUT_NAME = "lm_head.weight"
+"""Some checkpoints store the output layer even when it is tied to the embedding; it is then ignored."""
+
+IGNORED_HF_NAMES = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+"""Buffers older checkpoints saved that hold no learned state (rotary frequencies are recomputed)."""
+
+
+def to_hf_name(megatron_name: str) -> str:
+    """The Hugging Face tensor name of our parameter `megatron_name`; `ValueError` if it has none."""
+    for mapping in PARAM_MAPPINGS:
+        hf_name = mapping.hf_name(megatron_name)
+        if hf_name is not None:
+            return hf_name
+    raise ValueError(
+        f"parameter {megatron_name!r} has no Hugging Face equivalent; the bridge converts "
+        f"{', '.join(m.megatron for m in PARAM_MAPPINGS)}"
+    )
+
+
+def to_megatron_name(hf_name: str) -> str | None:
+    """Our parameter name for the Hugging Face tensor `hf_name`, or None when the table has no row for it."""
+    for mapping in PARAM_MAPPINGS:
+        name = mapping.megatron_name(hf_name)
+        if name is not None:
+            return name
+    return None
+
+
+def megatron_param_shapes(provider: GPTModelProvider) -> dict[str, torch.Size]:
+    """Our parameter names and shapes for `provider`, in module order, computed without allocating weights."""
+    provider.validate()
+    with torch.device("meta"):
+        model = GPTModel(provider)
+    return {name: param.shape for name, param in model.named_parameters()}
+
+
+def hf_tensor_shapes(provider: GPTModelProvider) -> dict[str, torch.Size]:
+    """The Hugging Face tensor names and shapes a checkpoint of `provider`'s architecture holds."""
+    return {to_hf_name(name): shape for name, shape in megatron_param_shapes(provider).items()}
+
+
+def check_tensors(
+    found: dict[str, tuple[int, ...]],
+    expected: dict[str, tuple[int, ...]],
+    *,
+    source: str,
+    expected_from: str,
+    ignorable: Collection[str] = (),
+    locations: dict[str, str] | None = None,
+) -> None:
+    """Raise `ValueError` naming every missing, unexpected or mis-shaped tensor of `source`.
+
+    `ignorable` names may be present or not; `locations` maps a tensor name to the file holding it.
+    """
+    where = locations or {}
+    problems = []
+    missing = [name for name in expected if name not in found]
+    unexpected = sorted(
+        name for name in found
+        if name not in expected and name not in ignorable and not IGNORED_HF_NAMES.fullmatch(name)
+    )
+    for label, names in (("missing tensors", missing), ("unexpected tensors", unexpected)):
+        if names:
+            listed = ", ".join(_located(name, where) for name in names[:8])
+            problems.append(f"{label}: {listed}{' ...' if len(names) > 8 else ''}")
+    for name, shape in expected.items():
+        if name in found and tuple(found[name]) != tuple(shape):
+            problems.append(
+                f"{_located(name, where)} has shape {tuple(found[name])}, {expected_from} expects {tuple(shape)}"
+            )
+    if problems:
+        raise ValueError(f"{source} does not match {expected_from}: " + "; ".join(problems))
+
+
+def _located(name: str, where: dict[str, str]) -> str:
+    return f"{name} (in {where[name]})" if name in where else name

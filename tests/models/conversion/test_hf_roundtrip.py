@@ -1,0 +1,173 @@
+"""Hugging Face -> ours -> Hugging Face, in memory and through training checkpoints: nothing changes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import yaml
+from hf_tiny import TOKENIZER_FILES, build_hf, qwen2_config, save_hf, token_ids
+from safetensors.torch import load_file
+
+from megatron.bridge import AutoBridge
+from megatron.bridge.convert import main as convert_main
+from megatron.bridge.models.conversion import PARAM_MAPPINGS, to_hf_name, to_megatron_name
+from megatron.bridge.models.conversion.safetensors_io import SafetensorsReader
+from megatron.bridge.training import checkpoint_io
+
+transformers = pytest.importorskip("transformers")
+
+
+def hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a folder, read with the safetensors library (independent of our reader)."""
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def assert_same_tensors(source: Path, result: Path) -> None:
+    expected, actual = hf_tensors(source), hf_tensors(result)
+    assert sorted(actual) == sorted(expected)
+    for name, tensor in expected.items():
+        assert actual[name].dtype == tensor.dtype and actual[name].shape == tensor.shape, name
+        assert torch.equal(actual[name].view(torch.uint8), tensor.view(torch.uint8)), name  # bit for bit
+
+
+def assert_same_extras(source: Path, result: Path) -> None:
+    assert json.loads((result / "config.json").read_text()) == json.loads((source / "config.json").read_text())
+    for name in ("generation_config.json", *TOKENIZER_FILES):
+        assert (result / name).read_bytes() == (source / name).read_bytes(), name
+
+
+def hf_logits(folder: Path, vocab: int) -> torch.Tensor:
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(token_ids(vocab)).logits
+
+
+def test_name_table_maps_both_ways():
+    assert to_hf_name("layers.3.self_attention.linear_k.bias") == "model.layers.3.self_attn.k_proj.bias"
+    assert to_hf_name("layers.0.pre_mlp_layernorm.weight") == "model.layers.0.post_attention_layernorm.weight"
+    assert to_megatron_name("model.layers.11.mlp.down_proj.weight") == "layers.11.mlp.linear_down.weight"
+    assert to_megatron_name("lm_head.weight") == "output_layer.weight"
+    assert to_megatron_name("model.layers.0.mlp.fc1.weight") is None
+    for mapping in PARAM_MAPPINGS:
+        ours = mapping.megatron.replace("{layer}", "7")
+        assert to_megatron_name(to_hf_name(ours)) == ours
+    with pytest.raises(ValueError, match="linear_fc1.*has no Hugging Face equivalent"):
+        to_hf_name("layers.0.mlp.linear_fc1.weight")
+
+
+@pytest.mark.parametrize("fixture", ["qwen2_folder", "llama_folder"])
+def test_save_hf_pretrained_round_trips_bit_for_bit(fixture, request, tmp_path):
+    source = request.getfixturevalue(fixture)
+    bridge = AutoBridge.from_hf_pretrained(source)
+    model = bridge.to_megatron_model()
+    sharded = fixture == "llama_folder"
+    out = bridge.save_hf_pretrained(model, tmp_path / "out", max_shard_size="40KB" if sharded else "5GB")
+    assert_same_tensors(source, out)
+    assert_same_extras(source, out)
+    assert (out / "model.safetensors.index.json").exists() == sharded
+    assert (out / "model.safetensors").exists() == (not sharded)
+    vocab = json.loads((source / "config.json").read_text())["vocab_size"]
+    torch.testing.assert_close(hf_logits(out, vocab), hf_logits(source, vocab), atol=0, rtol=0)
+
+
+def test_bf16_source_keeps_bf16_and_dtype_can_be_overridden(tmp_path):
+    source = save_hf(build_hf(qwen2_config()).to(torch.bfloat16), tmp_path / "bf16")
+    bridge = AutoBridge.from_hf_pretrained(source)
+    model = bridge.to_megatron_model()
+    assert next(model[0].parameters()).dtype == torch.float32  # trained in fp32, stored as the source says
+    assert_same_tensors(source, bridge.save_hf_pretrained(model, tmp_path / "same"))
+    out = bridge.save_hf_pretrained(model, tmp_path / "fp32", dtype=torch.float32)
+    assert {t.dtype for t in hf_tensors(out).values()} == {torch.float32}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+
+
+def test_export_hf_weights_streams_copies_in_order(qwen2_folder):
+    bridge = AutoBridge.from_hf_pretrained(qwen2_folder)
+    model = bridge.to_megatron_model()[0]
+    stream = bridge.export_hf_weights(model)
+    name, first = next(stream)
+    assert name == "model.embed_tokens.weight" and first.device.type == "cpu"
+    first.zero_()  # a copy: the model is untouched
+    assert model.embedding.weight.abs().sum() > 0
+    names = [name] + [n for n, _ in stream]
+    assert names[-1] == "model.norm.weight" and "lm_head.weight" not in names  # tied
+    assert sorted(names) == sorted(hf_tensors(qwen2_folder))
+
+
+def test_wrapped_models_export_like_plain_ones(qwen2_folder, tmp_path):
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    bridge = AutoBridge.from_hf_pretrained(qwen2_folder)
+    expected = dict(bridge.export_hf_weights(bridge.to_megatron_model()))
+    ddp = DistributedDataParallel(bridge.to_megatron_model()[0])
+    fsdp = bridge.to_megatron_model()[0]
+    for block in fsdp.layers:
+        fully_shard(block)
+    fully_shard(fsdp)
+    assert hasattr(fsdp.embedding.weight, "full_tensor")  # sharded parameters are DTensors
+    for wrapped in (ddp, [fsdp]):
+        exported = dict(bridge.export_hf_weights(wrapped))
+        assert exported.keys() == expected.keys()
+        assert all(torch.equal(exported[k], v) for k, v in expected.items())
+    dist.destroy_process_group()
+
+
+def test_import_then_export_checkpoint_round_trips(llama_folder, tmp_path):
+    ckpt = AutoBridge.import_ckpt(llama_folder, tmp_path / "ckpt")
+    iteration = ckpt / "iter_0000000"
+    assert (ckpt / checkpoint_io.TRACKER_FILE).read_text().strip() == "0"
+    common = json.loads((iteration / "common.json").read_text())
+    assert common["format_version"] == 1 and common["train_state"]["step"] == 0
+    run_config = yaml.safe_load((iteration / "run_config.yaml").read_text())
+    assert run_config["model"]["_target_"].endswith("LlamaModelProvider")
+    assert run_config["model"]["rope_scaling"]["rope_type"] == "llama3"
+    keys = set(checkpoint_io.read_index(iteration).state_dict_metadata)
+    assert keys == {"model." + to_megatron_name(name) for name in hf_tensors(llama_folder)}
+    assert sorted(p.name for p in (iteration / "hf").iterdir()) == sorted(
+        ["config.json", "generation_config.json", *TOKENIZER_FILES])
+
+    out = AutoBridge.export_ckpt(ckpt, tmp_path / "hf", max_shard_size="40KB")
+    assert_same_tensors(llama_folder, out)
+    assert_same_extras(llama_folder, out)
+
+
+def test_export_without_stored_config_rebuilds_it_from_run_config(llama_folder, llama_model, tmp_path):
+    ckpt = AutoBridge.import_ckpt(llama_folder, tmp_path / "ckpt")
+    shutil.rmtree(ckpt / "iter_0000000" / "hf")
+    out = AutoBridge.export_ckpt(ckpt, tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["rope_scaling"]["factor"] == 8.0
+    assert_same_tensors(llama_folder, out)
+    with torch.no_grad():
+        expected = llama_model(token_ids(256)).logits
+    torch.testing.assert_close(hf_logits(out, 256), expected, atol=1e-5, rtol=0)
+
+
+def test_pickle_weights_are_read_with_weights_only(qwen2_model, tmp_path):
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    qwen2_model.config.to_json_file(folder / "config.json")
+    state = {k: v for k, v in qwen2_model.state_dict().items() if k != "lm_head.weight"}
+    torch.save(state, folder / "pytorch_model.bin")
+    model = AutoBridge.from_hf_pretrained(folder).to_megatron_model()[0].eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(token_ids(250)), qwen2_model(token_ids(250)).logits, atol=1e-5, rtol=0)
+
+
+def test_command_line_import_and_export(qwen2_folder, tmp_path, capsys):
+    assert convert_main(["import", str(qwen2_folder), str(tmp_path / "ckpt"), "--dtype", "bf16"]) == 0
+    assert convert_main(["export", str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--iteration", "0"]) == 0
+    reader = SafetensorsReader(tmp_path / "hf" / "model.safetensors")
+    assert {spec.dtype for spec in reader.specs.values()} == {torch.bfloat16}  # the dtype import stored
+    assert convert_main(["export", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 1
+    assert "not empty" in capsys.readouterr().err
