@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from megatron.bridge.models.losses import chunked_cross_entropy
+
 if TYPE_CHECKING:
     from megatron.bridge.models.gpt_provider import GPTModelProvider
 
@@ -38,6 +40,8 @@ _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")
 
 # Linear layers that write into the residual stream get Megatron's depth-scaled init.
 _OUTPUT_PROJECTIONS = ("linear_proj", "linear_down", "linear_fc2")
+# Logit entries computed at once by the loss path: 2^27 is 512 MiB in fp32.
+_LOGITS_PER_CHUNK = 2**27
 
 
 class RMSNorm(nn.Module):
@@ -290,8 +294,8 @@ class GPTModel(nn.Module):
         x = self.embedding_dropout(self.embedding(input_ids))
         x = self.final_norm(self._run_layers(x, rope, attention_mask))
         weight = self.embedding.weight if self.output_layer is None else self.output_layer.weight
-        logits = F.linear(x, weight)
         if labels is None:
-            return logits
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.reshape(-1), reduction="none")
-        return loss.view(b, s)
+            return F.linear(x, weight)
+        # The full fp32 logits of a 150k vocabulary would be the largest tensor of the step.
+        chunk_tokens = max(128, _LOGITS_PER_CHUNK // weight.shape[0])
+        return chunked_cross_entropy(x, weight, labels, chunk_tokens=chunk_tokens)
