@@ -166,7 +166,7 @@ class JSONLMetricsWriter(Callback):
 
     def __init__(self, path: str | os.PathLike, *, every: int = 1, all_ranks: bool = False) -> None:
         self.base_path, self.all_ranks = Path(path), all_ranks
-        self.every = {"on_train_step_end": every}
+        self.fire_every = {"on_train_step_end": every}
         self._file: Any = None
 
     def _active(self) -> bool:

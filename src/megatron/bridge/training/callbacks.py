@@ -189,14 +189,17 @@ class CallbackManager:
     def add(self, callback: Callback | Iterable[Callback]) -> None:
         """Register a callback object, or each of a list of them, for the events it overrides.
 
-        A `every` attribute filters its events: an int applies to every event, a dict maps event
-        names to ints. An object with `state_dict()` and `load_state_dict()` has its state saved in
-        every checkpoint under `state_key(callback)`; two such objects need distinct `name`s.
+        A `fire_every` attribute filters its events like `register(..., every=N)`: an int applies
+        to every event the object overrides, a dict maps event names to ints. An object with
+        `state_dict()` and `load_state_dict()` has its state saved in every checkpoint under
+        `state_key(callback)`; two such objects need distinct `name`s.
         """
         callbacks = [callback] if not isinstance(callback, (list, tuple)) else list(callback)
         for cb in callbacks:
             self._add_stateful(cb)
-            every = getattr(cb, "every", None)
+            every = getattr(cb, "fire_every", None)
+            if isinstance(every, dict) and not set(every) <= VALID_EVENTS:
+                raise _unknown_event(sorted(set(every) - VALID_EVENTS)[0])
             for event_name in sorted(VALID_EVENTS):
                 method = getattr(cb, event_name, None)
                 if method is None or not callable(method):

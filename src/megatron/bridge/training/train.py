@@ -48,13 +48,14 @@ def train(run: SetupOutput) -> bool:
             validated = _should_validate(cfg, train_state.step)
             if validated:
                 evaluate(run, "eval")
-            run.checkpointer.maybe_save(train_state.step)
-            collect_garbage(train_state.step)
+            # Requests are agreed before saving, so a requested validation is in this step's checkpoint.
             decision = exit_conditions.check(train_state.step, state.requests)
             if decision.validation_reason and not validated:
                 evaluate(run, "eval")
+            run.checkpointer.maybe_save(train_state.step)
             if decision.checkpoint_reason:
                 run.checkpointer.save(train_state.step)
+            collect_garbage(train_state.step)
             if decision.stop_reason:
                 break
     run.checkpointer.save_final(train_state.step)
