@@ -1,9 +1,11 @@
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
 from megatron.bridge.data import DataIterators, MicroBatchSampler, MockGPTDataset, build_data_iterators
+from megatron.bridge.data.indexed_dataset import DatasetError
 from megatron.bridge.training.config import GPTDatasetConfig
 
 
@@ -134,6 +136,45 @@ def test_worker_processes_give_identical_batches():
             assert torch.equal(a[key], b[key])
 
 
-def test_real_data_is_not_supported_yet():
-    with pytest.raises(AssertionError):
+def real_config(prefix: str, **overrides) -> GPTDatasetConfig:
+    return GPTDatasetConfig(seq_length=32, random_seed=7, data_path=prefix, split="8,1,1", **overrides)
+
+
+@pytest.fixture
+def corpus_prefix(write_dataset):
+    rng = np.random.default_rng(0)
+    # Documents of 20..80 ids below 99, each ended by the end-of-document id 99.
+    return write_dataset([[*rng.integers(0, 99, size=rng.integers(20, 80)).tolist(), 99] for _ in range(60)])
+
+
+def test_real_data_batches_look_like_mock_batches(corpus_prefix):
+    real = build(real_config(corpus_prefix, eod_mask_loss=True, reset_attention_mask=True), test_samples=8)
+    mock = build(config(eod_mask_loss=True, reset_attention_mask=True), test_samples=8)
+    for split in ("train", "valid", "test"):
+        real_batch, mock_batch = next(getattr(real, split)), next(getattr(mock, split))
+        assert real_batch.keys() == mock_batch.keys()
+        for key in mock_batch:
+            assert (real_batch[key].dtype, real_batch[key].shape) == (mock_batch[key].dtype, mock_batch[key].shape)
+    batch = next(real.train)
+    assert torch.equal(batch["loss_mask"], (batch["tokens"] != 99).float())  # eod = vocab_size - 1 by default
+
+
+def test_real_data_resumes_exactly_from_consumed_samples(corpus_prefix):
+    fresh = list(build(real_config(corpus_prefix), valid_samples=0).train)
+    resumed = list(build(real_config(corpus_prefix), valid_samples=0, consumed_train_samples=16).train)
+    assert len(fresh) == 16 and len(resumed) == 8
+    for a, b in zip(fresh[8:], resumed, strict=True):
+        assert torch.equal(a["tokens"], b["tokens"])
+
+
+def test_real_data_with_worker_processes_gives_identical_batches(corpus_prefix):
+    serial = list(build(real_config(corpus_prefix), valid_samples=0).train)
+    parallel = list(build(real_config(corpus_prefix, num_workers=2), valid_samples=0).train)
+    assert len(serial) == len(parallel) == 16
+    for a, b in zip(serial, parallel, strict=True):
+        assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_missing_real_data_is_named():
+    with pytest.raises(DatasetError, match=r"/data/corpus\.idx does not exist"):
         build(config(data_path="/data/corpus"))

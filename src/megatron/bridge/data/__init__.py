@@ -1,6 +1,39 @@
-"""Training data: seeded mock datasets and the data-parallel micro-batch loaders."""
+"""Training data: tokenizers, Megatron indexed datasets, GPT sample packing, blends and the loaders.
 
-from megatron.bridge.data.loaders import DataIterators, MicroBatchSampler, build_data_iterators
-from megatron.bridge.data.mock import MockGPTDataset
+Commands: `python -m megatron.bridge.data.train_tokenizer` (a BPE tokenizer from local text) and
+`python -m megatron.bridge.data.preprocess` (text to a `.bin`/`.idx` indexed dataset).
 
-__all__ = ["DataIterators", "MicroBatchSampler", "MockGPTDataset", "build_data_iterators"]
+Names are imported on first use (PEP 562), so the commands and their worker processes start
+without loading torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "BlendedDataset": "blended_dataset",
+    "DataIterators": "loaders",
+    "DatasetError": "indexed_dataset",
+    "GPTDataset": "gpt_dataset",
+    "HuggingFaceTokenizer": "tokenizer",
+    "IndexedDataset": "indexed_dataset",
+    "IndexedDatasetWriter": "indexed_dataset",
+    "MicroBatchSampler": "loaders",
+    "MockGPTDataset": "mock",
+    "NullTokenizer": "tokenizer",
+    "build_data_iterators": "loaders",
+    "build_gpt_datasets": "builder",
+    "build_tokenizer": "tokenizer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """Import an exported name from its module on first access."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from megatron.bridge.data.builder import build_gpt_datasets
 from megatron.bridge.data.mock import MockGPTDataset
 from megatron.bridge.training.config import DATALOADER_TYPES, GPTDatasetConfig
 
@@ -112,15 +113,23 @@ def build_data_iterators(
     consumed_valid_samples: int = 0,
     dp_rank: int = 0,
     dp_size: int = 1,
+    eod: int | None = None,
 ) -> DataIterators:
     """This rank's iterators over batched micro-batches (dicts of [mbs, seq] tensors).
 
-    Train follows `dataset_config.dataloader_type`; valid and test are cyclic, so evaluation can
-    draw any number of batches. Train and valid resume from their consumed sample counts.
+    Mock data when `dataset_config.uses_mock_data`, else the indexed datasets of its blend, with
+    `eod` (default `vocab_size - 1`) as the end-of-document id and every token id checked against
+    `vocab_size`. Train follows `dataset_config.dataloader_type`; valid and test are cyclic, so
+    evaluation can draw any number of batches. Train and valid resume from their consumed sample counts.
     """
-    assert dataset_config.uses_mock_data, "mock data only: dataset.blend and dataset.data_path must be None"
     num_samples = (train_samples, valid_samples, test_samples)
-    train_ds, valid_ds, test_ds = _build_mock_datasets(dataset_config, vocab_size, num_samples)
+    if dataset_config.uses_mock_data:
+        train_ds, valid_ds, test_ds = _build_mock_datasets(dataset_config, vocab_size, num_samples)
+    else:
+        train_ds, valid_ds, test_ds = build_gpt_datasets(
+            dataset_config, num_samples=num_samples, vocab_size=vocab_size,
+            eod=vocab_size - 1 if eod is None else eod,
+        )
     common: dict[str, Any] = dict(
         config=dataset_config, micro_batch_size=micro_batch_size, global_batch_size=global_batch_size,
         dp_rank=dp_rank, dp_size=dp_size,
@@ -153,7 +162,7 @@ def _build_mock_datasets(
 
 
 def _build_iterator(
-    dataset: Dataset,
+    dataset: Dataset | None,
     *,
     config: GPTDatasetConfig,
     micro_batch_size: int,
@@ -163,14 +172,16 @@ def _build_iterator(
     dp_rank: int,
     dp_size: int,
 ) -> Iterator[MicroBatch] | None:
-    if len(dataset) == 0:
+    if dataset is None or len(dataset) == 0:
         return None
     sampler = MicroBatchSampler(
         total_samples=len(dataset), micro_batch_size=micro_batch_size, global_batch_size=global_batch_size,
         consumed_samples=consumed_samples, dp_rank=dp_rank, dp_size=dp_size, dataloader_type=dataloader_type,
     )
+    # A generator of its own: otherwise creating the iterator draws from the global torch RNG, and a
+    # resumed run's dropout masks would no longer match an uninterrupted run's.
     loader = DataLoader(
         dataset, batch_sampler=sampler, num_workers=config.num_workers, pin_memory=torch.cuda.is_available(),
-        persistent_workers=config.num_workers > 0,
+        persistent_workers=config.num_workers > 0, generator=torch.Generator().manual_seed(config.random_seed),
     )
     return iter(loader)

@@ -74,6 +74,8 @@ class TrainingConfig:
     """Disable Python's automatic garbage collector and collect every `manual_gc_interval` steps."""
     manual_gc_interval: int = 0
     """Steps between manual collections (0: only at the start and end of training)."""
+    compile: bool | None = None
+    """`torch.compile` each transformer block (None: on when training on a GPU, off on the CPU)."""
 
     def validate(self) -> None:
         _check_positive("train.train_iters", self.train_iters)
@@ -202,11 +204,13 @@ class GPTDatasetConfig:
     random_seed: int = 1234
     """Seed for building and shuffling the datasets."""
     blend: Any = None
-    """Indexed datasets to train on, with optional weights (None: mock data)."""
+    """Indexed datasets (path prefixes), optionally weighted: `(["a", "b"], [0.3, 0.7])` (None: mock data)."""
     split: str = "969,30,1"
     """Relative sizes of the train, validation and test splits, e.g. "969,30,1"."""
     data_path: Any = None
-    """Alternative to `blend`: one path prefix or a list of them."""
+    """Alternative spelling of `blend`: one path prefix, or a flat list as `blend` takes."""
+    path_to_cache: str | None = None
+    """Directory for the cached sample indices (None: `<prefix>_cache` next to each dataset)."""
     reset_position_ids: bool = False
     """Restart position ids at every end-of-document token."""
     reset_attention_mask: bool = False
@@ -222,6 +226,12 @@ class GPTDatasetConfig:
     def uses_mock_data(self) -> bool:
         """True when no real data source is configured."""
         return self.blend is None and self.data_path is None
+
+    def resolved_blend(self) -> tuple[list[str], list[float] | None]:
+        """The dataset path prefixes and their weights (None: unweighted) from `blend` or `data_path`."""
+        from megatron.bridge.data.blend import parse_blend  # lazy: the data package imports this module
+
+        return parse_blend(self.blend, self.data_path)
 
     def split_weights(self) -> tuple[float, float, float]:
         """The train/validation/test fractions parsed from `split`."""
@@ -243,10 +253,10 @@ class GPTDatasetConfig:
             raise config_error("dataset.num_workers", self.num_workers, "an integer >= 0")
         self.split_weights()
         if not self.uses_mock_data:
-            raise config_error(
-                "dataset.blend", self.blend if self.blend is not None else self.data_path,
-                "None: this version trains on mock data only (indexed datasets are not supported yet)",
-            )
+            from megatron.bridge.data.blend import check_dataset_files
+
+            paths, _ = self.resolved_blend()
+            check_dataset_files(paths, "dataset.blend" if self.blend is not None else "dataset.data_path")
 
 
 @dataclass(kw_only=True)
@@ -256,24 +266,27 @@ class MockGPTDatasetConfig(GPTDatasetConfig):
 
 @dataclass(kw_only=True)
 class TokenizerConfig:
-    """Which tokenizer turns text into ids; with mock data only its vocabulary size matters."""
+    """Which tokenizer turns text into ids; the model's vocabulary follows its size."""
 
     tokenizer_type: str = "NullTokenizer"
-    """NullTokenizer (ids are given) or HuggingFaceTokenizer."""
+    """NullTokenizer (the data holds ids; end of document = vocab_size - 1) or HuggingFaceTokenizer."""
     tokenizer_model: str | None = None
-    """Path of a Hugging Face tokenizer folder or tokenizer.json."""
+    """HuggingFaceTokenizer only: a local tokenizer.json or a folder holding one (never downloaded)."""
     vocab_size: int | None = None
-    """Vocabulary size of the NullTokenizer."""
+    """NullTokenizer: the vocabulary size. HuggingFaceTokenizer: filled from the tokenizer by `pretrain`."""
 
     def validate(self) -> None:
         _check_choice("tokenizer.tokenizer_type", self.tokenizer_type, TOKENIZER_TYPES)
         if self.tokenizer_type == "NullTokenizer":
             _check_positive("tokenizer.vocab_size", self.vocab_size, optional=False)
-        else:
-            raise config_error(
-                "tokenizer.tokenizer_type", self.tokenizer_type,
-                "NullTokenizer: Hugging Face tokenizers are not supported yet",
-            )
+            return
+        _check_positive("tokenizer.vocab_size", self.vocab_size)
+        if not self.tokenizer_model:
+            raise config_error("tokenizer.tokenizer_model", self.tokenizer_model,
+                               "a local tokenizer.json or a folder holding one (HuggingFaceTokenizer needs it)")
+        from megatron.bridge.data.tokenizer import resolve_tokenizer_file
+
+        resolve_tokenizer_file(self.tokenizer_model)
 
 
 @dataclass(kw_only=True)

@@ -1,12 +1,13 @@
-"""Data parallelism: the one place that wraps the model for many ranks.
+"""Compilation and data parallelism: the one place that wraps the model after it is built.
 
+- `torch.compile` of each transformer block when `train.compile` (by default on GPUs).
 - `DistributedDataParallel` by default: parameters and optimizer state replicated, gradients
   all-reduced once per step (after the last micro-batch).
 - FSDP2 (`fully_shard` per transformer block, then the whole model) when
   `ddp.use_distributed_optimizer` or `optimizer.use_distributed_optimizer` is set: parameters,
   gradients and optimizer state sharded across ranks.
 
-In a world of one the model is left as it is.
+In a world of one the model is not wrapped.
 """
 
 from __future__ import annotations
@@ -25,17 +26,27 @@ def uses_fsdp(cfg: ConfigContainer) -> bool:
 
 
 def parallelize(model: torch.nn.Module, cfg: ConfigContainer, dist_ctx: DistributedContext) -> torch.nn.Module:
-    """Wrap `model` for data-parallel training across `dist_ctx.world_size` ranks."""
+    """Compile each block when asked, then wrap `model` for data-parallel training."""
+    if should_compile(cfg, dist_ctx.device):
+        # Per block rather than the whole model: one small graph, reused by every layer.
+        for block in model.layers:
+            block.compile()
     if dist_ctx.world_size == 1:
         return model
     if uses_fsdp(cfg):
         return _apply_fsdp(model, cfg)
     device_ids = [dist_ctx.device.index] if dist_ctx.device.type == "cuda" else None
     wrapped = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
-    if cfg.compute_dtype == "bf16" and not cfg.ddp.grad_reduce_in_fp32:
+    if cfg.compute_dtype == "bf16" and not cfg.ddp.grad_reduce_in_fp32 and dist_ctx.device.type == "cuda":
         # Megatron reduces gradients in the compute dtype unless told otherwise: half the traffic.
+        # (The hook needs NCCL; gloo on the CPU reduces the fp32 gradients as they are.)
         wrapped.register_comm_hook(state=None, hook=bf16_compress_hook)
     return wrapped
+
+
+def should_compile(cfg: ConfigContainer, device: torch.device) -> bool:
+    """Whether transformer blocks are compiled: `train.compile`, or by default only on GPUs."""
+    return cfg.train.compile if cfg.train.compile is not None else device.type == "cuda"
 
 
 def _apply_fsdp(model: torch.nn.Module, cfg: ConfigContainer) -> torch.nn.Module:

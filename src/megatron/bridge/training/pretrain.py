@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from typing import Any
 
@@ -47,11 +48,22 @@ def pretrain(
     finally:
         if run is not None:
             run.checkpointer.close()
+        # Free the wrapped model (and DDP's pending gloo work) while the process group still exists;
+        # destroying the group first can deadlock gloo's worker threads against the interpreter lock.
+        run = None
+        gc.collect()
         state.close_loggers()
         distributed.teardown(dist_ctx)
 
 
 def _resolve_vocab_size(config: ConfigContainer) -> None:
+    # A Hugging Face tokenizer's size is a fact of its file, not a setting: read it before validating,
+    # so that the model's vocabulary and the data's token-id check both follow the real tokenizer.
+    if config.tokenizer.tokenizer_type == "HuggingFaceTokenizer":
+        from megatron.bridge.data.tokenizer import build_tokenizer
+
+        config.tokenizer.validate()
+        config.tokenizer.vocab_size = build_tokenizer(config.tokenizer).vocab_size
     # The recipes leave model.vocab_size unset so that the model follows the tokenizer.
     if config.model.vocab_size is None:
         config.model.vocab_size = config.tokenizer.vocab_size

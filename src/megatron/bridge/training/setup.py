@@ -85,7 +85,12 @@ def setup(state: GlobalState, forward_step: ForwardStep, callbacks: CallbackMana
 
 
 def _build_data(state: GlobalState, dist_ctx: DistributedContext) -> DataIterators:
+    from megatron.bridge.data.tokenizer import build_tokenizer
+
     cfg, train_state = state.cfg, state.train_state
+    # Real data needs the tokenizer's end-of-document id (for eod_mask_loss and the resets); mock data
+    # makes its own, so it never loads a tokenizer.
+    eod = None if cfg.dataset.uses_mock_data else build_tokenizer(cfg.tokenizer).eod
     gbs = cfg.train.global_batch_size
     train_iters = 0 if cfg.validation.skip_train else cfg.train.train_iters
     eval_iters = cfg.validation.eval_iters
@@ -96,7 +101,7 @@ def _build_data(state: GlobalState, dist_ctx: DistributedContext) -> DataIterato
         global_batch_size=gbs, train_samples=train_iters * gbs, valid_samples=eval_passes * eval_iters * gbs,
         test_samples=eval_iters * gbs, consumed_train_samples=train_state.consumed_train_samples,
         consumed_valid_samples=train_state.consumed_valid_samples, dp_rank=dist_ctx.rank,
-        dp_size=dist_ctx.world_size,
+        dp_size=dist_ctx.world_size, eod=eod,
     )
 
 

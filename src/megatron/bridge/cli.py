@@ -1,0 +1,307 @@
+"""The command line: pick a recipe, merge a YAML file, apply `key=value` overrides, pretrain.
+
+    python -m megatron.bridge.pretrain --recipe qwen25_500m train.train_iters=100 model.num_layers=4
+    megatron-bridge-pretrain --recipe qwen25_tiny --config-file run.yaml optimizer.lr=1e-3
+    torchrun --nproc-per-node 8 -m megatron.bridge.pretrain --recipe qwen25_1p5b ...
+
+Order: the recipe's config, then `--config-file` (nested YAML mapping), then the overrides, left
+to right. Keys are dotted paths of `ConfigContainer` fields (`train.train_iters`,
+`dataset.blend`); values are YAML (`null`, `true`, `[a, b]`, `1e-3`). Each value is checked
+against the field's type, and unknown keys are rejected with the valid ones listed. The final
+config is validated before any work starts. Nothing here depends on the rank, so the same
+command runs under `torchrun`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import difflib
+import importlib
+import pkgutil
+import sys
+import types
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import yaml
+
+from megatron.bridge.training.config import ConfigContainer
+
+RECIPE_SUFFIX = "_pretrain_config"
+DEFAULT_FORWARD_STEP = "megatron.bridge.training.gpt_step:forward_step"
+
+
+def available_recipes() -> dict[str, Callable[[], ConfigContainer]]:
+    """Recipe name (`qwen25_500m`) to recipe function, for each `*_pretrain_config` in `megatron.bridge.recipes`."""
+    import megatron.bridge.recipes as recipes_package
+
+    recipes: dict[str, Callable[[], ConfigContainer]] = {}
+    for module_info in sorted(pkgutil.iter_modules(recipes_package.__path__), key=lambda m: m.name):
+        if not module_info.ispkg:
+            continue  # helpers such as recipes/common.py
+        module = importlib.import_module(f"{recipes_package.__name__}.{module_info.name}")
+        for name in getattr(module, "__all__", ()):
+            if name.endswith(RECIPE_SUFFIX):
+                recipes[name[: -len(RECIPE_SUFFIX)]] = getattr(module, name)
+    return recipes
+
+
+def load_recipe(name: str) -> ConfigContainer:
+    """The config of recipe `name` (`qwen25_500m` or `qwen25_500m_pretrain_config`)."""
+    recipes = available_recipes()
+    key = name[: -len(RECIPE_SUFFIX)] if name.endswith(RECIPE_SUFFIX) else name
+    if key not in recipes:
+        raise ValueError(f"--recipe={name!r} is invalid: choose one of {', '.join(recipes)}")
+    return recipes[key]()
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`"a.b=value"` -> `("a.b", value)` with the value read as YAML (empty -> "")."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part.isidentifier() for part in key.split(".")):
+        raise ValueError(
+            f"override {item!r} is invalid: expected key=value with a dotted key, e.g. train.train_iters=100"
+        )
+    if text == "":
+        return key, ""
+    try:
+        return key, yaml.safe_load(text)
+    except yaml.YAMLError:
+        return key, text  # not YAML (e.g. an unbalanced bracket): keep the raw string and let the type decide
+
+
+def set_field(config: ConfigContainer, key: str, value: Any) -> None:
+    """Assign `value` to the dotted field `key`, checked against the field's type."""
+    *sections, name = key.split(".")
+    target: Any = config
+    walked: list[str] = []
+    for section in sections:
+        _check_known(target, section, walked)
+        target = getattr(target, section)
+        walked.append(section)
+        if not _is_config(target):
+            raise ValueError(f"{'.'.join(walked)} is a value, not a section: {key} cannot be set")
+    _check_known(target, name, walked)
+    if _is_config(getattr(target, name)):
+        example = _field_names(getattr(target, name))[0]
+        raise ValueError(f"{key} is a section: set its fields instead, e.g. {key}.{example}=...")
+    hint = _field_types(type(target)).get(name, Any)
+    setattr(target, name, _coerce(value, hint, key))
+
+
+def merge_yaml(config: ConfigContainer, path: str) -> None:
+    """Apply a nested YAML mapping (e.g. `train: {train_iters: 100}`) to `config`, field by field."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as err:
+        raise ValueError(f"--config-file {path}: cannot read it ({err.strerror})") from err
+    except yaml.YAMLError as err:
+        raise ValueError(f"--config-file {path}: not valid YAML ({err})") from err
+    if data is None:
+        return
+    if not isinstance(data, dict):
+        raise ValueError(f"--config-file {path}: expected a mapping of sections, got {type(data).__name__}")
+    for key, value in _flatten(config, data, []):
+        try:
+            set_field(config, key, value)
+        except ValueError as err:
+            raise ValueError(f"--config-file {path}: {err}") from err
+
+
+def _flatten(target: Any, data: dict[str, Any], prefix: list[str]) -> list[tuple[str, Any]]:
+    items = []
+    for name, value in data.items():
+        if name == "_target_":
+            continue  # written by ConfigContainer.to_dict(); the recipe already fixes the classes
+        key = [*prefix, str(name)]
+        # Only real fields are descended into; set_field reports any other name as an unknown key.
+        child = getattr(target, str(name)) if str(name) in _field_names(target) else None
+        if isinstance(value, dict) and _is_config(child):
+            items += _flatten(child, value, key)
+        else:
+            items.append((".".join(key), value))
+    return items
+
+
+def build_config(recipe: str, config_file: str | None = None, overrides: Sequence[str] = ()) -> ConfigContainer:
+    """The recipe's config with the YAML file and then the overrides applied."""
+    config = load_recipe(recipe)
+    if config_file:
+        merge_yaml(config, config_file)
+    for item in overrides:
+        set_field(config, *parse_override(item))
+    return config
+
+
+def load_forward_step(spec: str) -> Callable[..., Any]:
+    """The function `module:function` names."""
+    module_name, sep, function_name = spec.partition(":")
+    if not sep or not module_name or not function_name:
+        raise ValueError(f"--forward-step={spec!r} is invalid: expected module:function, e.g. {DEFAULT_FORWARD_STEP}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"--forward-step={spec!r} is invalid: cannot import {module_name} ({err})") from err
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise ValueError(f"--forward-step={spec!r} is invalid: {module_name} has no function {function_name}")
+    return function
+
+
+def check_config(config: ConfigContainer) -> None:
+    """Validate a copy of `config` exactly as `pretrain` will (tokenizer size resolved first)."""
+    from megatron.bridge.training.distributed import launched_world_size
+    from megatron.bridge.training.pretrain import _resolve_vocab_size
+
+    # A copy: pretrain resolves the vocabulary itself, and the config should reach it as the user wrote it.
+    trial = copy.deepcopy(config)
+    _resolve_vocab_size(trial)
+    trial.validate(data_parallel_size=launched_world_size())
+
+
+def _is_config(value: Any) -> bool:
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
+
+
+def _field_names(target: Any) -> list[str]:
+    return [f.name for f in dataclasses.fields(target)]
+
+
+def _check_known(target: Any, name: str, walked: list[str]) -> None:
+    names = _field_names(target)
+    if name in names:
+        return
+    where = ".".join(walked)
+    key = f"{where}.{name}" if where else name
+    scope = f"valid keys of {where}" if where else "valid top-level keys"
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f" (did you mean {where + '.' if where else ''}{close[0]}?)" if close else ""
+    raise ValueError(f"unknown key {key}{hint}; {scope}: {', '.join(sorted(names))}")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    """Resolved annotations of a dataclass's fields (Any where one cannot be resolved)."""
+    try:
+        return typing.get_type_hints(cls)
+    except NameError:
+        # A name imported only for type checking (ConfigContainer.model): resolve field by field.
+        hints = {}
+        module_globals = vars(sys.modules[cls.__module__])
+        for f in dataclasses.fields(cls):
+            try:
+                hints[f.name] = typing.get_type_hints(types.SimpleNamespace(__annotations__={f.name: f.type}),
+                                                      globalns=module_globals)[f.name]
+            except NameError:
+                hints[f.name] = Any
+        return hints
+
+
+def _type_name(hint: Any) -> str:
+    if hint is type(None):
+        return "null"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """`value` as the type `hint` describes, or ValueError `key=value is invalid: expected <type>`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is not type(None):
+                try:
+                    return _coerce(value, arg, key)
+                except ValueError:
+                    continue
+        expected = " or ".join(_type_name(arg) for arg in args)
+        raise ValueError(f"{key}={value!r} is invalid: expected {expected}")
+    converted = _convert_scalar(value, hint)
+    if converted is _INVALID:
+        raise ValueError(f"{key}={value!r} is invalid: expected {_type_name(origin or hint)}")
+    return converted
+
+
+_INVALID = object()
+
+
+def _convert_scalar(value: Any, hint: Any) -> Any:
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is bool:
+        return value if isinstance(value, bool) else _INVALID
+    if hint is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _INVALID
+    if hint is float:
+        if is_number:
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                return _INVALID
+        return _INVALID
+    if hint is str:
+        return str(value) if isinstance(value, str) or is_number else _INVALID
+    origin = typing.get_origin(hint) or hint
+    if origin in (list, tuple):
+        return origin(value) if isinstance(value, (list, tuple)) else _INVALID
+    if isinstance(origin, type):
+        return value if isinstance(value, origin) else _INVALID
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; `--help` lists the recipes."""
+    recipes = available_recipes()
+    listing = "\n".join(f"  {name:<14} {(fn.__doc__ or '').strip().splitlines()[0]}" for name, fn in recipes.items())
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron.bridge.pretrain",
+        description="Pretrain a GPT model from a recipe, a YAML file and key=value overrides.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            f"recipes:\n{listing}\n\n"
+            "overrides are dotted ConfigContainer fields with YAML values, applied after --config-file:\n"
+            "  train.train_iters=100 optimizer.lr=3e-4 checkpoint.save=null\n"
+            "  dataset.blend=[runs/corpus] tokenizer.tokenizer_type=HuggingFaceTokenizer \\\n"
+            "    tokenizer.tokenizer_model=runs/tok\n"
+            "see docs/configuration.md for every field and docs/data.md for data and this command"
+        ),
+    )
+    parser.add_argument("--recipe", required=True, metavar="NAME", help=f"one of: {', '.join(recipes)}")
+    parser.add_argument("--config-file", metavar="YAML", help="nested YAML mapping merged before the overrides")
+    parser.add_argument("--forward-step", default=DEFAULT_FORWARD_STEP, metavar="MODULE:FUNCTION",
+                        help=f"the forward step to train with (default: {DEFAULT_FORWARD_STEP})")
+    parser.add_argument("--print-config", action="store_true", help="print the final config as YAML and exit")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.train_iters=100")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the command line: build and check the config, then `pretrain` it."""
+    from megatron.bridge.data.indexed_dataset import DatasetError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = build_config(args.recipe, args.config_file, args.overrides)
+        forward_step = load_forward_step(args.forward_step)
+        check_config(config)
+    except ValueError as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    if args.print_config:
+        print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        return
+    from megatron.bridge.training.pretrain import pretrain
+
+    try:
+        pretrain(config, forward_step)
+    except DatasetError as err:
+        # Bad data is the user's to fix, not a bug: a one-line message, no traceback.
+        parser.exit(1, f"{parser.prog}: error: {err}\n")

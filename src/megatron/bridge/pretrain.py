@@ -1,0 +1,10 @@
+"""`python -m megatron.bridge.pretrain --recipe NAME [--config-file YAML] [key=value ...]`.
+
+The command line lives in `megatron.bridge.cli`; this module only makes it runnable with `-m`
+(also under `torchrun -m`). The console script `megatron-bridge-pretrain` runs the same `main`.
+"""
+
+from megatron.bridge.cli import main
+
+if __name__ == "__main__":
+    main()

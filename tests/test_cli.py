@@ -1,0 +1,165 @@
+"""The command line: recipes, YAML merging, key=value overrides, the errors they give, and a short run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from megatron.bridge import cli
+from megatron.bridge.cli import build_config, load_forward_step, main, parse_override, set_field
+from megatron.bridge.training.gpt_step import forward_step
+from megatron.bridge.training.state import GlobalState
+
+RECIPES = ("qwen25_tiny", "qwen25_500m", "qwen25_1p5b", "qwen25_7b")
+
+
+def test_overrides_are_typed_and_applied_in_order():
+    config = build_config("qwen25_500m", overrides=[
+        "train.train_iters=100", "model.num_layers=4", "optimizer.lr=1e-3", "checkpoint.save=null",
+        "optimizer.bf16=false", "dataset.split=98,1,1", "model.num_layers=6", "mixed_precision=fp32",
+        "dataset.blend=[a, b]", "logger.wandb_project=", "scheduler.lr_decay_iters=null",
+    ])
+    assert config.train.train_iters == 100 and config.model.num_layers == 6
+    assert config.optimizer.lr == 1e-3 and isinstance(config.optimizer.lr, float)  # YAML reads 1e-3 as text
+    assert config.checkpoint.save is None and config.optimizer.bf16 is False
+    assert config.dataset.split == "98,1,1" and config.dataset.blend == ["a", "b"]
+    assert config.mixed_precision == "fp32" and config.logger.wandb_project == ""
+    assert config.scheduler.lr_decay_iters is None
+    assert config.model.hidden_size == 896  # untouched fields keep the recipe's values
+
+
+def test_recipe_names_with_or_without_suffix():
+    assert build_config("qwen25_7b").model.num_layers == 28
+    assert build_config("qwen25_1p5b_pretrain_config").model.hidden_size == 1536
+    assert set(RECIPES) <= set(cli.available_recipes())
+    with pytest.raises(ValueError, match="--recipe='qwen3' is invalid: choose one of .*qwen25_tiny"):
+        build_config("qwen3")
+
+
+def test_yaml_file_is_merged_before_the_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({
+        "train": {"train_iters": 50, "global_batch_size": 8},
+        "model": {"num_layers": 3, "_target_": "ignored.Class"},
+        "optimizer": {"lr": 2.0e-4},
+        "mixed_precision": "fp32",
+    }))
+    config = build_config("qwen25_tiny", str(path), ["train.train_iters=70"])
+    assert config.train.train_iters == 70 and config.train.global_batch_size == 8
+    assert config.model.num_layers == 3 and config.optimizer.lr == 2e-4 and config.mixed_precision == "fp32"
+
+
+def test_a_saved_run_config_reads_back(tmp_path):
+    original = build_config("qwen25_tiny", overrides=["train.train_iters=33", "dataset.blend=[[x], [1.0]]"])
+    path = tmp_path / "run_config.yaml"
+    path.write_text(yaml.safe_dump(original.to_dict()))
+    assert build_config("qwen25_tiny", str(path)).to_dict() == original.to_dict()
+
+
+@pytest.mark.parametrize(("item", "pattern"), [
+    ("train.trian_iters=5", r"^unknown key train\.trian_iters \(did you mean train\.train_iters\?\); valid keys of "
+                            r"train: .*exit_interval, .*global_batch_size, .*train_iters"),
+    ("trian.train_iters=5", r"^unknown key trian \(did you mean train\?\); valid top-level keys: .*checkpoint, "
+                            r"dataset, .*train"),
+    ("model.padded_vocab_size=5", r"^unknown key model\.padded_vocab_size .*; valid keys of model: .*num_layers"),
+    ("train=5", r"^train is a section: set its fields instead, e\.g\. train\.\w+=\.\.\."),
+    ("mixed_precision.x=5", r"^mixed_precision is a value, not a section"),
+    ("train.train_iters", r"^override 'train\.train_iters' is invalid: expected key=value"),
+])
+def test_bad_keys_list_the_valid_ones(item, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        build_config("qwen25_tiny", overrides=[item])
+
+
+@pytest.mark.parametrize(("item", "message"), [
+    ("train.train_iters=abc", "train.train_iters='abc' is invalid: expected int"),
+    ("train.train_iters=1.5", "train.train_iters=1.5 is invalid: expected int"),
+    ("train.micro_batch_size=null", "train.micro_batch_size=None is invalid: expected int"),
+    ("optimizer.lr=fast", "optimizer.lr='fast' is invalid: expected float"),
+    ("optimizer.bf16=1", "optimizer.bf16=1 is invalid: expected bool"),
+    ("checkpoint.save=[a]", "checkpoint.save=['a'] is invalid: expected str or null"),
+])
+def test_wrong_types_name_the_expected_type(item, message):
+    with pytest.raises(ValueError) as info:
+        build_config("qwen25_tiny", overrides=[item])
+    assert message in str(info.value)
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  trian_iters: 4\n")
+    with pytest.raises(ValueError, match=r"--config-file .*bad\.yaml: unknown key train\.trian_iters"):
+        build_config("qwen25_tiny", str(path))
+    path.write_text("model:\n  padded_vocab_size: 4\n")  # a property, not a field
+    with pytest.raises(ValueError, match=r"bad\.yaml: unknown key model\.padded_vocab_size"):
+        build_config("qwen25_tiny", str(path))
+    with pytest.raises(ValueError, match="cannot read it"):
+        build_config("qwen25_tiny", str(tmp_path / "missing.yaml"))
+
+
+def test_parse_override_reads_yaml_values():
+    assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
+    assert parse_override("a=null") == ("a", None) and parse_override("a=") == ("a", "")
+    assert parse_override("a=x=y") == ("a", "x=y")
+
+
+def test_set_field_keeps_the_config_a_dataclass_tree():
+    config = build_config("qwen25_tiny")
+    set_field(config, "validation.eval_interval", None)
+    assert config.validation.eval_interval is None
+
+
+def test_forward_step_is_importable_by_name():
+    assert load_forward_step("megatron.bridge.training.gpt_step:forward_step") is forward_step
+    for spec, fragment in [("nodots", "expected module:function"), ("no.such.module:f", "cannot import"),
+                           ("megatron.bridge.training.gpt_step:nope", "has no function nope")]:
+        with pytest.raises(ValueError, match=fragment):
+            load_forward_step(spec)
+
+
+def test_main_reports_errors_without_a_traceback(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--recipe", "qwen25_tiny", "train.trian_iters=5"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: unknown key train.trian_iters" in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        main(["--recipe", "qwen25_tiny", "dataset.blend=[/nowhere/corpus]"])
+    assert "dataset file /nowhere/corpus.idx does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a cross-field rule, checked before any work starts
+        main(["--recipe", "qwen25_tiny", "dataset.seq_length=64"])
+    assert "dataset.seq_length=64 is invalid: equal to model.seq_length=128" in capsys.readouterr().err
+
+
+def test_print_config_prints_yaml_and_does_not_train(capsys, monkeypatch):
+    monkeypatch.setattr("megatron.bridge.training.pretrain.pretrain", lambda *a, **k: pytest.fail("trained"))
+    main(["--recipe", "qwen25_tiny", "--print-config", "train.train_iters=70"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["train"]["train_iters"] == 70 and printed["model"]["num_layers"] == 2
+
+
+def test_main_trains_with_the_overrides(chdir, monkeypatch):
+    seen = []
+
+    def recording_forward_step(state: GlobalState, data_iterator, model):
+        seen.append(state.train_state.step)
+        return forward_step(state, data_iterator, model)
+
+    monkeypatch.setattr(sys.modules[__name__], "recording_forward_step", recording_forward_step, raising=False)
+    main(["--recipe", "qwen25_tiny", "--forward-step", f"{__name__}:recording_forward_step",
+          "train.train_iters=2", "train.global_batch_size=4", "train.micro_batch_size=4", "model.num_layers=1",
+          "scheduler.lr_warmup_iters=0", "validation.eval_iters=0", "logger.tensorboard_dir=null"])
+    assert seen == [0, 1]
+
+
+def test_help_lists_the_recipes():
+    result = subprocess.run([sys.executable, "-m", "megatron.bridge.pretrain", "--help"], capture_output=True,
+                            text=True, timeout=120, cwd=os.getcwd())
+    assert result.returncode == 0, result.stderr
+    assert "--recipe" in result.stdout and "--config-file" in result.stdout and "KEY=VALUE" in result.stdout
+    for name in RECIPES:
+        assert name in result.stdout
