@@ -33,12 +33,13 @@ Two schedules:
 * `--sequential`: run (c), (a), (b) one after another, as whole runs, in this process; the true
   single-process step times, but only trustworthy on an otherwise idle machine.
 
-Either way the variants run for `rounds` rounds (order rotated each round, after one short unmeasured
-run of each) and the table shows the median over rounds of each variant's per-round median. A ratio
-is, in lockstep, the median over all measured steps of step k's ratio (steps k of both variants ran
-back to back); sequentially, the median over rounds of that round's ratio of medians. Below the
-table, 20th-percentile step times, process CPU time per step and the load average tell whether a
-result is trustworthy.
+Either way the variants run for `rounds` rounds (after one short unmeasured run of each), each
+round in another order: over 6 rounds every variant runs first twice and, in lockstep, runs right
+after each of the other two three times (both cyclic directions). The table shows the median over
+rounds of each variant's per-round median. A ratio is, in lockstep, the median over all measured
+steps of step k's ratio (steps k of both variants ran back to back); sequentially, the median over
+rounds of that round's ratio of medians. Below the table, 20th-percentile step times, process CPU
+time per step and the load average tell whether a result is trustworthy.
 
 It also micro-benchmarks `CallbackManager.fire()` with 0, 1 and 10 no-op callbacks on the event, and
 the guarded `should_fire` check the loop makes when there are no callbacks.
@@ -46,7 +47,7 @@ the guarded `should_fire` check the loop makes when there are no callbacks.
 Run it from the repository root (one to two minutes on 2 idle cores):
 
     .venv/bin/python bench/callback_overhead.py
-    .venv/bin/python bench/callback_overhead.py --steps 30 --warmup 5 --rounds 5 --threads 2
+    .venv/bin/python bench/callback_overhead.py --steps 24 --warmup 4 --rounds 6 --threads 2
     .venv/bin/python bench/callback_overhead.py --sequential
 """
 
@@ -80,6 +81,9 @@ from megatron.bridge.training.setup import set_seed
 
 N_CALLBACKS = 10
 VARIANTS = ("c", "a", "b")
+# Round r runs the variants in ORDERS[r % 6]: every variant goes first, and (in lockstep) follows
+# each other variant, equally often over 6 rounds.
+ORDERS = (("c", "a", "b"), ("a", "b", "c"), ("b", "c", "a"), ("c", "b", "a"), ("b", "a", "c"), ("a", "c", "b"))
 
 
 class NoOpCallback(Callback):
@@ -146,11 +150,14 @@ class TokenRing:
         self.go = [ctx.Semaphore(0) for _ in range(size)]
         self.ready = [ctx.Event() for _ in range(size)]
         self.done = ctx.Array("b", size)
+        self.order = ctx.Array("i", list(range(size)))  # the cyclic order: participant at each position
         self.aborted = ctx.Value("b", 0)
 
-    def reset(self) -> None:
-        """Before a round: everyone is running again and nobody is ready yet."""
+    def reset(self, order: list[int]) -> None:
+        """Before a round: set the cyclic order; everyone is running again and nobody is ready yet."""
         with self.done.get_lock():
+            for position, index in enumerate(order):
+                self.order[position] = index
             for i in range(self.size):
                 self.done[i] = 0
         for event in self.ready:
@@ -165,8 +172,10 @@ class TokenRing:
     def pass_on(self, index: int) -> None:
         """Hand the token to the next participant still running (`index` itself if it is the last)."""
         with self.done.get_lock():
+            order = list(self.order)
+            position = order.index(index)
             for offset in range(1, self.size + 1):
-                nxt = (index + offset) % self.size
+                nxt = order[(position + offset) % self.size]
                 if not self.done[nxt]:
                     self.turn[nxt].release()
                     return
@@ -341,14 +350,14 @@ class LockstepRunner:
             self.close()
             raise RuntimeError(f"a lockstep worker failed (exit codes {dead}); see its traceback above")
 
-    def run_round(self, first: str) -> dict[str, StepClock]:
-        """Set the workers up one at a time, then step them in turn starting with `first`."""
-        self.ring.reset()
+    def run_round(self, order: list[str]) -> dict[str, StepClock]:
+        """Set the workers up one at a time, then step them in turn, cyclically in `order`."""
+        self.ring.reset([VARIANTS.index(name) for name in order])
         for index in range(len(VARIANTS)):
             self.ring.go[index].release()
             while not self.ring.ready[index].wait(0.1):
                 self._check()
-        self.ring.turn[VARIANTS.index(first)].release()
+        self.ring.turn[VARIANTS.index(order[0])].release()
         clocks = {}
         while len(clocks) < len(VARIANTS):
             try:
@@ -411,9 +420,10 @@ def low_quantile(values: list[float]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30, help="measured steps per run (default 30)")
-    parser.add_argument("--warmup", type=int, default=5, help="warm-up steps per run, not measured (default 5)")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds of (a), (b), (c) (default 5)")
+    parser.add_argument("--steps", type=int, default=24, help="measured steps per run (default 24)")
+    parser.add_argument("--warmup", type=int, default=4, help="warm-up steps per run, not measured (default 4)")
+    parser.add_argument("--rounds", type=int, default=6,
+                        help="rounds of (a), (b), (c), each in another order (default 6: every order once)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--sequential", action="store_true",
                         help="run the variants one after another instead of in lockstep threads")
@@ -434,7 +444,7 @@ def main() -> None:
     dist_ctx = None if lockstep else distributed.initialize(make_config(1).dist)
     try:
         if runner is not None:
-            runner.run_round(VARIANTS[0])
+            runner.run_round(list(VARIANTS))
         else:
             run_sequential_round(list(VARIANTS), warmup_iters)
         load_before = os.getloadavg()[0]
@@ -444,9 +454,8 @@ def main() -> None:
         step_ms: dict[str, list[float]] = {name: [] for name in VARIANTS}  # every measured step, all rounds
         started = time.perf_counter()
         for round_index in range(args.rounds):
-            shift = round_index % len(VARIANTS)
-            order = list(VARIANTS[shift:] + VARIANTS[:shift])
-            clocks = runner.run_round(order[0]) if runner is not None else run_sequential_round(order, train_iters)
+            order = list(ORDERS[round_index % len(ORDERS)])
+            clocks = runner.run_round(order) if runner is not None else run_sequential_round(order, train_iters)
             for name, clock in clocks.items():
                 times_ms = [t * 1e3 for t in clock.step_times(args.warmup, args.steps)]
                 step_ms[name].extend(times_ms)

@@ -261,7 +261,12 @@ class GPTDatasetConfig:
 
 @dataclass(kw_only=True)
 class MockGPTDatasetConfig(GPTDatasetConfig):
-    """A dataset config that always serves the seeded mock data."""
+    """A dataset config that always serves the seeded mock data (`blend` and `data_path` are ignored)."""
+
+    @property
+    def uses_mock_data(self) -> bool:
+        """Always True."""
+        return True
 
 
 @dataclass(kw_only=True)
