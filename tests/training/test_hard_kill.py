@@ -24,7 +24,7 @@ import torch
 import yaml
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from megatron.bridge.recipes.qwen.qwen2 import qwen25_tiny_pretrain_config
+from helpers import make_tiny_config
 from megatron.bridge.training import checkpoint_io
 from megatron.bridge.training.callbacks import Callback
 from megatron.bridge.training.config import ConfigContainer
@@ -43,41 +43,22 @@ def _one_thread():
 
 
 def tiny_config(overrides: dict[str, Any]) -> ConfigContainer:
-    """The tiny model; `overrides` maps dotted paths with `__` for the dot (`train__train_iters`) to values."""
-    cfg = qwen25_tiny_pretrain_config()
-    model = cfg.model
-    model.num_layers, model.hidden_size, model.ffn_hidden_size = 1, 64, 128
-    model.num_attention_heads, model.num_query_groups, model.seq_length = 4, 2, 32
-    model.vocab_size = None
-    cfg.dataset.seq_length = 32
-    cfg.tokenizer.vocab_size = 128
-    cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.train.train_iters = 4, 2, 4
-    cfg.logger.log_interval, cfg.logger.tensorboard_dir = 1000, None
-    cfg.validation.eval_interval, cfg.validation.eval_iters = None, 1
-    cfg.scheduler.lr_warmup_iters = 0
-    cfg.checkpoint.save = cfg.checkpoint.load = None
-    cfg.rng.seed = 1234
-    for key, value in overrides.items():
-        target: Any = cfg
-        *path, name = key.split("__")
-        for part in path:
-            target = getattr(target, part)
-        assert hasattr(target, name), f"{type(target).__name__} has no field {name!r}"
-        setattr(target, name, value)
-    return cfg
+    """The shared tiny test config (`tests/helpers.py`); `overrides` maps `train__train_iters`-style paths."""
+    return make_tiny_config(**overrides)
 
 
-# The training script: the factory above, verbatim, plus a callback that reports events as JSON lines.
+# The training script: the shared factory, plus a callback that reports events as JSON lines.
 SCRIPT = (
     "import json, sys\n"
     "from typing import Any\n"
     "import torch\n"
     "torch.set_num_threads(1)\n"
-    "from megatron.bridge.recipes.qwen.qwen2 import qwen25_tiny_pretrain_config\n"
     "from megatron.bridge.training.callbacks import Callback\n"
     "from megatron.bridge.training.config import ConfigContainer\n"
     "from megatron.bridge.training.gpt_step import forward_step\n"
-    "from megatron.bridge.training.pretrain import pretrain\n\n"
+    "from megatron.bridge.training.pretrain import pretrain\n"
+    f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
+    "from helpers import make_tiny_config\n\n"
     + inspect.getsource(tiny_config)
     + '''
 
