@@ -514,6 +514,15 @@ def main() -> None:
     if lockstep:
         print(f"  ratio of medians over rounds: (a)/(c) = {paired_ratio(medians, 'a', 'c'):.3f}, "
               f"(b)/(a) = {paired_ratio(medians, 'b', 'a'):.3f}")
+    # Rounds that other processes left (nearly) alone: every variant within 25% of the fastest round.
+    fastest = min(min(medians[name][r] for name in VARIANTS) for r in range(args.rounds))
+    quiet = [r for r in range(args.rounds) if max(medians[name][r] for name in VARIANTS) <= 1.25 * fastest]
+    quiet_medians = {name: [medians[name][r] for r in quiet] for name in VARIANTS}
+    print(f"  quiet rounds (every variant within 25% of the fastest round): {len(quiet)} of {args.rounds}"
+          + (f"; their ms/step (c) {statistics.median(quiet_medians['c']):.2f}, "
+             f"(a) {statistics.median(quiet_medians['a']):.2f}, (b) {statistics.median(quiet_medians['b']):.2f} "
+             f"-> (a)/(c) = {paired_ratio(quiet_medians, 'a', 'c'):.3f}, "
+             f"(b)/(a) = {paired_ratio(quiet_medians, 'b', 'a'):.3f}" if quiet else ""))
     print("  per-round median ms/step: " + "; ".join(
         f"({name}) " + " ".join(f"{v:.2f}" for v in medians[name]) for name in VARIANTS))
     print(f"  should_fire(empty manager): {costs['should_fire(empty manager)']:.0f} ns; timeit floor (a no-op "
