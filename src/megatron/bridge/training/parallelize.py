@@ -70,8 +70,3 @@ def set_grad_sync(model: torch.nn.Module, enabled: bool) -> None:
         model.require_backward_grad_sync = enabled
     elif hasattr(model, "set_requires_gradient_sync"):
         model.set_requires_gradient_sync(enabled)
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside a DDP wrapper (FSDP2 shards in place, so there is nothing to unwrap)."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
