@@ -130,7 +130,8 @@ class MetricsLogger:
         if self.callbacks is not None:
             parts += self._callback_time(elapsed, scalars)
         print_rank_0(f" [{datetime.now():%Y-%m-%d %H:%M:%S}] " + " | ".join(parts) + " |")
-        self._write_scalars(scalars, step)
+        timers_off = () if self.state.cfg.logger.log_timers_to_tensorboard else ("iteration-time",)
+        write_scalars(self.state, scalars, step, not_to_tensorboard=timers_off)
 
     def _callback_time(self, elapsed: float, scalars: dict[str, float]) -> list[str]:
         """The log-line part for time spent in callbacks, and a one-time warning per slow callback."""
@@ -146,16 +147,17 @@ class MetricsLogger:
                              f"(above logger.callback_time_warning_share={limit}); see CallbackManager.stats()")
         return [f"callbacks: {100 * share:.1f}% of step time"] if share > 0.01 else []
 
-    def _write_scalars(self, scalars: dict[str, float], step: int) -> None:
-        writer = self.state.tensorboard_logger
-        if writer is not None:
-            for name, value in scalars.items():
-                if name == "iteration-time" and not self.state.cfg.logger.log_timers_to_tensorboard:
-                    continue
+
+def write_scalars(state: GlobalState, scalars: dict[str, float], step: int, *,
+                  not_to_tensorboard: tuple[str, ...] = ()) -> None:
+    """Write scalars to TensorBoard and Weights & Biases, where configured (rank 0 only)."""
+    writer = state.tensorboard_logger
+    if writer is not None:
+        for name, value in scalars.items():
+            if name not in not_to_tensorboard:
                 writer.add_scalar(name, value, step)
-        wandb_run = self.state.wandb_logger
-        if wandb_run is not None:
-            wandb_run.log(scalars, step=step)
+    if state.wandb_logger is not None:
+        state.wandb_logger.log(scalars, step=step)
 
 
 def log_eval_losses(state: GlobalState, label: str, total_loss_dict: dict[str, torch.Tensor]) -> None:
@@ -170,9 +172,4 @@ def log_eval_losses(state: GlobalState, label: str, total_loss_dict: dict[str, t
         scalars[f"{name} {label} ppl"] = ppl
     line = f" {label} loss at iteration {step} | " + " | ".join(parts)
     print_rank_0("-" * len(line) + "\n" + line + "\n" + "-" * len(line))
-    writer = state.tensorboard_logger
-    if writer is not None:
-        for name, value in scalars.items():
-            writer.add_scalar(name, value, step)
-    if state.wandb_logger is not None:
-        state.wandb_logger.log(scalars, step=step)
+    write_scalars(state, scalars, step)
