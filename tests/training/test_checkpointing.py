@@ -39,13 +39,6 @@ EVENTS = (
 # ------------------------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matrices: intra-op threads only add contention (and the tests compare runs bit for bit).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def tiny_config(**overrides: Any) -> ConfigContainer:

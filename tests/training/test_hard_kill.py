@@ -32,16 +32,6 @@ from megatron.bridge.training.gpt_step import forward_step
 from megatron.bridge.training.pretrain import pretrain
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matrices: intra-op threads only add contention, and the subprocesses run on one thread too,
-    # so in-process and subprocess runs compute bit for bit the same.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def tiny_config(overrides: dict[str, Any]) -> ConfigContainer:
     """The shared tiny test config (`tests/helpers.py`); `overrides` maps `train__train_iters`-style paths."""
     return make_tiny_config(**overrides)
