@@ -25,8 +25,8 @@ Two schedules:
   token is not counted. Bursts of load from other processes on a shared machine then hit all three
   variants alike instead of whichever happened to run at that moment. (Processes, not threads:
   torch's intra-op parallelism is lost in a non-main Python thread, which doubles the step time.)
-  Caveat: absolute step times come out higher than in a process of its own (on 2 cores about
-  100 ms instead of 60 ms for the tiny recipe), alike for all three variants; most likely the
+  Caveat: absolute step times can come out higher than in a process of its own (on 2 cores from
+  about 10% to 1.6x, depending on load), alike for all three variants; most likely the
   OpenMP threads of the process that just handed the token on, which spin-wait for a while after
   each parallel region (libgomp's default), share the cores with the one running.
   A fixed per-step overhead therefore shows as a slightly smaller ratio than it would sequentially.
