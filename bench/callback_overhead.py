@@ -206,6 +206,8 @@ class StepClock:
     def tick(self) -> None:
         """Call once per micro-batch, before its forward pass."""
         if self.calls % self.num_microbatches == 0:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # a GPU runs behind the host: stamp when its queued work is done
             now = (time.perf_counter(), time.process_time())
             if self.calls:
                 self.ends.append(now)
@@ -240,6 +242,7 @@ def make_config(train_iters: int) -> ConfigContainer:
     cfg.checkpoint.save_interval = None
     cfg.mixed_precision = "fp32"
     cfg.optimizer.bf16 = cfg.optimizer.fp16 = False
+    cfg.train.compile = False  # the hand-written loop runs the model eagerly, on a GPU too
     return cfg
 
 
@@ -264,7 +267,8 @@ def run_hand_loop(cfg: ConfigContainer, clock: StepClock) -> None:
     n_micro = num_microbatches(cfg)
     cfg.model.vocab_size = cfg.tokenizer.vocab_size  # what pretrain does for recipes that leave it unset
     set_seed(cfg.rng.seed)
-    model = cfg.model.provide()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = cfg.model.provide().to(device)
     optimizer, scheduler = setup_optimizer(cfg.optimizer, cfg.scheduler, [model], train_iters=train_iters)
     gbs = cfg.train.global_batch_size
     data = build_data_iterators(
@@ -277,7 +281,7 @@ def run_hand_loop(cfg: ConfigContainer, clock: StepClock) -> None:
 
     def timed_forward(data_iterator, model):
         clock.tick()
-        batch = next(data_iterator)
+        batch = {key: value.to(device, non_blocking=True) for key, value in next(data_iterator).items()}
         per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
         mask = batch["loss_mask"].reshape(-1).float()
         return torch.sum(per_token.reshape(-1) * mask), mask.sum()
@@ -285,8 +289,8 @@ def run_hand_loop(cfg: ConfigContainer, clock: StepClock) -> None:
     model.train()
     for _ in range(train_iters):
         optimizer.zero_grad(set_to_none=True)
-        loss_sum_total = torch.zeros(())
-        tokens_total = torch.zeros(())
+        loss_sum_total = torch.zeros((), device=device)
+        tokens_total = torch.zeros((), device=device)
         for _ in range(n_micro):
             loss_sum, num_tokens = timed_forward(train_iter, model)
             loss_sum.backward()

@@ -53,11 +53,15 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------------------------------- saving
 
-    def maybe_save(self, step: int) -> None:
-        """Save when `step` is a multiple of `save_interval`; also reports a finished background save."""
-        self._drain(block=False)
+    def is_due(self, step: int) -> bool:
+        """True when `step` is a multiple of `save_interval` and saving is configured."""
         interval = self.config.save_interval
-        if self.config.save and interval and step % interval == 0:
+        return bool(self.config.save and interval and step % interval == 0)
+
+    def maybe_save(self, step: int) -> None:
+        """Save when `is_due(step)`; also reports a finished background save."""
+        self._drain(block=False)
+        if self.is_due(step):
             self._save(step)
 
     def save(self, step: int) -> None:

@@ -23,6 +23,7 @@ import torch
 from megatron.bridge.training.callbacks import CallbackManager
 from megatron.bridge.training.distributed import print_rank_0
 from megatron.bridge.training.state import GlobalState
+from megatron.bridge.training.step_ledger import StepOutcome, read_outcomes
 
 # Dense bf16 peak rates per device, in TFLOP/s, for MFU.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -53,12 +54,20 @@ class StepResult:
 
     loss_dict: dict[str, torch.Tensor]
     """Token-weighted mean losses over the global batch (0-dim tensors, on the device)."""
-    grad_norm: float | None
-    """Total gradient norm before clipping; None when not computed."""
-    skipped_iter: bool
-    """True when the update was not applied."""
+    outcome: StepOutcome
+    """The gradient norm and skip decision, read from the device on first use."""
     num_tokens: int
     """Tokens processed in the step, summed over ranks."""
+
+    @property
+    def grad_norm(self) -> float | None:
+        """Total gradient norm before clipping; None when not computed."""
+        return self.outcome.grad_norm
+
+    @property
+    def skipped_iter(self) -> bool:
+        """True when the update was not applied."""
+        return self.outcome.skipped
 
 
 class MetricsLogger:
@@ -75,40 +84,38 @@ class MetricsLogger:
         self._reset_window()
 
     def _reset_window(self) -> None:
-        self._loss_sums: dict[str, torch.Tensor] = {}
-        self._steps = 0
-        self._skipped = 0
-        self._nan = 0
-        self._tokens = 0
+        self._window: list[StepResult] = []
         self._window_start = time.perf_counter()
         if self.callbacks is not None:
             self._callback_seconds = self.callbacks.seconds_by_callback()
 
+    def is_due(self, step: int) -> bool:
+        """True when `step` ends with a log line (whose values are read from the device)."""
+        return step % self.state.cfg.logger.log_interval == 0
+
     def maybe_log(self, result: StepResult, *, learning_rate: float) -> None:
-        """Accumulate one step; print and write scalars when the step is a multiple of log_interval."""
-        self._steps += 1
-        self._tokens += result.num_tokens
-        if result.skipped_iter:
-            self._skipped += 1
-            self._nan += int(result.grad_norm is not None and not math.isfinite(result.grad_norm))
-        else:
-            for name, value in result.loss_dict.items():
-                # Stays on the device: summing here costs no host sync.
-                self._loss_sums[name] = self._loss_sums.get(name, 0.0) + value.detach()
+        """Keep one step's results; print and write scalars when the step is a multiple of log_interval."""
+        self._window.append(result)
         step = self.state.train_state.step
-        if step % self.state.cfg.logger.log_interval == 0:
+        if self.is_due(step):
             self._log(step, result, learning_rate)
             self._reset_window()
 
     def _log(self, step: int, result: StepResult, learning_rate: float) -> None:
         cfg = self.state.cfg
+        # Reading the values waits for the device, so the window's time includes all of its work.
+        read_outcomes([r.outcome for r in self._window])
+        applied = [r for r in self._window if not r.skipped_iter]
+        losses = {name: float(sum(r.loss_dict[name] for r in applied)) / len(applied)
+                  for name in result.loss_dict} if applied else {}
         elapsed = time.perf_counter() - self._window_start
-        ms_per_step = 1000.0 * elapsed / self._steps
-        applied = max(self._steps - self._skipped, 1)
-        losses = {name: float(total) / applied for name, total in self._loss_sums.items()}
-        tokens_per_s = self._tokens / elapsed / self.world_size
+        steps = len(self._window)
+        skipped = steps - len(applied)
+        nan = sum(r.grad_norm is not None and not math.isfinite(r.grad_norm) for r in self._window)
+        ms_per_step = 1000.0 * elapsed / steps
+        tokens_per_s = sum(r.num_tokens for r in self._window) / elapsed / self.world_size
         tflops = tokens_per_s * self.flops_per_token / 1e12
-        scalars = {"learning-rate": learning_rate, **losses, "iteration-time": elapsed / self._steps,
+        scalars = {"learning-rate": learning_rate, **losses, "iteration-time": elapsed / steps,
                    "tokens-per-second-per-device": tokens_per_s, "throughput-tflops-per-device": tflops}
         parts = [
             f"iteration {step:8d}/{cfg.train.train_iters:8d}",
@@ -121,7 +128,7 @@ class MetricsLogger:
         if result.grad_norm is not None:
             parts.append(f"grad norm: {result.grad_norm:.3f}")
             scalars["grad-norm"] = result.grad_norm
-        parts += [f"number of skipped iterations: {self._skipped:3d}", f"number of nan iterations: {self._nan:3d}"]
+        parts += [f"number of skipped iterations: {skipped:3d}", f"number of nan iterations: {nan:3d}"]
         if cfg.logger.log_throughput:
             parts += [f"tokens per second per device: {tokens_per_s:.0f}",
                       f"throughput per device (TFLOP/s): {tflops:.3f}"]

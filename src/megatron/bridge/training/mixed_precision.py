@@ -42,12 +42,24 @@ class MixedPrecision:
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
 
-    def step(self, optimizer: torch.optim.Optimizer, *, apply: bool) -> None:
-        """Apply the update unless `apply` is False; under fp16 also adapt the loss scale."""
+    def step(self, optimizer: torch.optim.Optimizer, *, skip: bool | torch.Tensor | None) -> None:
+        """Apply the update unless `skip`; under fp16 also adapt the loss scale.
+
+        `skip` may be a 0-dim device tensor (1.0: skip) for an optimizer that accepts `found_inf`
+        (fused Adam): the update is then skipped on the device and the host never waits for it.
+        """
+        if isinstance(skip, torch.Tensor):
+            assert self.scaler is None, "a device-side skip flag is only used without loss scaling"
+            optimizer.found_inf = skip  # read by fused optimizers' step(), as GradScaler does
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.found_inf
+            return
         if self.scaler is None:
-            if apply:
+            if not skip:
                 optimizer.step()
             return
-        if apply:
+        if not skip:
             self.scaler.step(optimizer)
         self.scaler.update()

@@ -19,6 +19,7 @@ from megatron.bridge.training.mixed_precision import MixedPrecision
 from megatron.bridge.training.optim import OptimizerParamScheduler, setup_optimizer
 from megatron.bridge.training.parallelize import parallelize, uses_fsdp
 from megatron.bridge.training.state import GlobalState
+from megatron.bridge.training.step_ledger import StepLedger
 
 
 @dataclass
@@ -35,6 +36,7 @@ class SetupOutput:
     checkpointer: CheckpointManager
     metrics: MetricsLogger
     precision: MixedPrecision
+    ledger: StepLedger
     dist: DistributedContext
     num_microbatches: int
 
@@ -79,9 +81,18 @@ def setup(state: GlobalState, forward_step: ForwardStep, callbacks: CallbackMana
     return SetupOutput(
         state=state, model=model, optimizer=optimizer, scheduler=scheduler, forward_step=forward_step,
         callbacks=callbacks, data=data, checkpointer=checkpointer, metrics=metrics,
-        precision=precision, dist=dist_ctx,
+        precision=precision, ledger=_build_ledger(state, scheduler, optimizer, precision), dist=dist_ctx,
         num_microbatches=num_microbatches,
     )
+
+
+def _build_ledger(state: GlobalState, scheduler: OptimizerParamScheduler, optimizer: torch.optim.Optimizer,
+                  precision: MixedPrecision) -> StepLedger:
+    # Fused Adam (the default on GPUs) skips a non-finite update on the device: no need to wait for each norm.
+    deferred = bool(optimizer.defaults.get("fused")) and precision.scaler is None
+    return StepLedger(train_state=state.train_state, scheduler=scheduler, deferred=deferred,
+                      global_batch_size=state.cfg.train.global_batch_size,
+                      raise_on_nan=state.cfg.ddp.check_for_nan_in_grad)
 
 
 def _build_data(state: GlobalState, dist_ctx: DistributedContext) -> DataIterators:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import math
 from typing import Any
 
 import torch
@@ -16,6 +15,7 @@ from megatron.bridge.training.forward_backward import run_microbatches
 from megatron.bridge.training.metrics import StepResult
 from megatron.bridge.training.optim import get_grad_norm_and_clip
 from megatron.bridge.training.setup import SetupOutput
+from megatron.bridge.training.step_ledger import StepOutcome
 
 
 def train(run: SetupOutput) -> bool:
@@ -38,18 +38,23 @@ def train(run: SetupOutput) -> bool:
                 callbacks.fire("on_train_step_start", _context(run))
             result = train_step(run)
             if should_fire(callbacks, "on_train_step_end"):
+                run.ledger.settle()  # the context carries grad_norm and skipped_iter as Python values
                 callbacks.fire("on_train_step_end", _context(
                     run, loss_dict=result.loss_dict, grad_norm=result.grad_norm, skipped_iter=result.skipped_iter,
                 ))
             train_state.step += 1
             train_state.consumed_train_samples += cfg.train.global_batch_size
             train_state.floating_point_operations_so_far += run.metrics.flops_per_token * result.num_tokens
-            run.metrics.maybe_log(result, learning_rate=run.scheduler.get_lr())
             validated = _should_validate(cfg, train_state.step)
+            if validated or run.metrics.is_due(train_state.step) or run.checkpointer.is_due(train_state.step):
+                run.ledger.settle()
+            run.metrics.maybe_log(result, learning_rate=run.scheduler.get_lr())
             if validated:
                 evaluate(run, "eval")
             # Requests are agreed before saving, so a requested validation is in this step's checkpoint.
             decision = exit_conditions.check(train_state.step, state.requests)
+            if decision.stop_reason or decision.checkpoint_reason or decision.validation_reason:
+                run.ledger.settle()
             if decision.validation_reason and not validated:
                 evaluate(run, "eval")
             run.checkpointer.maybe_save(train_state.step)
@@ -58,6 +63,7 @@ def train(run: SetupOutput) -> bool:
             collect_garbage(train_state.step)
             if decision.stop_reason:
                 break
+    run.ledger.settle()
     run.checkpointer.save_final(train_state.step)
     if decision.stop_reason:
         print_rank_0(f"> stopping after iteration {train_state.step}: {decision.stop_reason}")
@@ -81,19 +87,11 @@ def train_step(run: SetupOutput) -> StepResult:
     # DDP and FSDP average gradients over ranks; the loss must be averaged over tokens instead.
     _divide_grads(run.model, report.num_tokens / run.dist.world_size)
     norm = get_grad_norm_and_clip(run.model, cfg.optimizer.clip_grad)
-    grad_norm = None if norm is None else norm.item()  # host sync: the skip decision needs the value
-    finite = grad_norm is None or math.isfinite(grad_norm)
-    if not finite and cfg.ddp.check_for_nan_in_grad:
-        raise RuntimeError(
-            f"gradient norm is {grad_norm} at iteration {run.state.train_state.step + 1} "
-            "(ddp.check_for_nan_in_grad=True; set it to False to skip such updates instead)"
-        )
-    run.precision.step(optimizer, apply=finite)
-    if finite:
-        run.scheduler.step(1)
-    else:
-        run.state.train_state.skipped_train_samples += cfg.train.global_batch_size
-    return StepResult(loss_dict=report.means(), grad_norm=grad_norm, skipped_iter=not finite,
+    outcome = StepOutcome(iteration=run.state.train_state.step + 1, grad_norm=norm)
+    # A fused optimizer skips a non-finite update on the device; others need the decision on the host now.
+    run.precision.step(optimizer, skip=outcome.found_inf if run.ledger.deferred else outcome.skipped)
+    run.ledger.record(outcome)
+    return StepResult(loss_dict=report.means(), outcome=outcome,
                       num_tokens=cfg.train.global_batch_size * cfg.model.seq_length)
 
 
