@@ -231,6 +231,8 @@ class GPTModel(nn.Module):
         self.output_layer: nn.Linear | None = None
         if not config.share_embeddings_and_output_weights:
             self.output_layer = nn.Linear(config.hidden_size, self.vocab_size, bias=False)
+        self.compile_loss = False
+        """Run the loss through `torch.compile` (set by the trainer when it compiles the blocks)."""
         self.reset_parameters()
 
     @torch.no_grad()
@@ -298,4 +300,4 @@ class GPTModel(nn.Module):
             return F.linear(x, weight)
         # The full fp32 logits of a 150k vocabulary would be the largest tensor of the step.
         chunk_tokens = max(128, _LOGITS_PER_CHUNK // weight.shape[0])
-        return chunked_cross_entropy(x, weight, labels, chunk_tokens=chunk_tokens)
+        return chunked_cross_entropy(x, weight, labels, chunk_tokens=chunk_tokens, compiled=self.compile_loss)

@@ -8,6 +8,9 @@ the backward pass recomputes them chunk by chunk. Peak logits memory is one chun
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -18,8 +21,14 @@ def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
     return F.cross_entropy(logits.float(), labels, reduction="none")
 
 
+@functools.cache
+def _compiled_chunk_loss() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    # Compiled, the fp32 cast, log-softmax and target pick become one pass over the bf16 logits.
+    return torch.compile(_chunk_loss, dynamic=False)
+
+
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                          chunk_tokens: int = 4096) -> torch.Tensor:
+                          chunk_tokens: int = 4096, compiled: bool = False) -> torch.Tensor:
     """Per-token cross-entropy of `hidden @ weight.T` against `labels`, in fp32.
 
     Args:
@@ -27,20 +36,22 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         weight: `[vocab, hidden_size]` output-layer weight.
         labels: integer targets with `hidden`'s leading shape.
         chunk_tokens: tokens per chunk; smaller saves memory, larger launches fewer kernels.
+        compiled: run each chunk through `torch.compile` (the model does when its blocks are compiled).
 
     Returns the losses with `labels`' shape.
     """
+    chunk_loss = _compiled_chunk_loss() if compiled else _chunk_loss
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1)
     if flat_hidden.shape[0] <= chunk_tokens:
-        return _chunk_loss(flat_hidden, weight, flat_labels).view(labels.shape)
+        return chunk_loss(flat_hidden, weight, flat_labels).view(labels.shape)
     losses = []
     for start in range(0, flat_hidden.shape[0], chunk_tokens):
         stop = start + chunk_tokens
         args = (flat_hidden[start:stop], weight, flat_labels[start:stop])
         if torch.is_grad_enabled():
             # Recompute the chunk's logits in backward instead of keeping them alive.
-            losses.append(checkpoint(_chunk_loss, *args, use_reentrant=False))
+            losses.append(checkpoint(chunk_loss, *args, use_reentrant=False))
         else:
-            losses.append(_chunk_loss(*args))
+            losses.append(chunk_loss(*args))
     return torch.cat(losses).view(labels.shape)

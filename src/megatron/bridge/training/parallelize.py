@@ -28,9 +28,11 @@ def uses_fsdp(cfg: ConfigContainer) -> bool:
 def parallelize(model: torch.nn.Module, cfg: ConfigContainer, dist_ctx: DistributedContext) -> torch.nn.Module:
     """Compile each block when asked, then wrap `model` for data-parallel training."""
     if should_compile(cfg, dist_ctx.device):
-        # Per block rather than the whole model: one small graph, reused by every layer.
+        # Per block rather than the whole model: one small graph, reused by every layer; and the loss,
+        # whose eager fp32 logits cost a step as much memory traffic as a few blocks.
         for block in model.layers:
             block.compile()
+        model.compile_loss = True
     if dist_ctx.world_size == 1:
         return model
     if uses_fsdp(cfg):
