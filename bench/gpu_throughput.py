@@ -6,10 +6,10 @@ and 8 with `train.compile` on and off. Every configuration runs in its own proce
 allocator for the peak-memory reading, no compiled code shared between shapes). Each trains
 `--warmup` steps, then `--steps` timed steps of `--global-batch` sequences, timed between two
 device synchronisations; FLOPs are the log line's (6N plus attention, see
-`megatron.bridge.training.metrics`) and MFU is against 989 TFLOP/s, the dense bf16 peak of an
-H100 SXM / H200.
+`megatron.bridge.training.metrics`) and MFU is against the device's dense bf16 peak (989 TFLOP/s
+for an H100 SXM or H200).
 
-    python bench/gpu_throughput.py                # the full table (about 5 minutes on an H100)
+    python bench/gpu_throughput.py                # the full table (about 3 minutes on an H200)
     python bench/gpu_throughput.py --mbs 4 --compile on --vocab-size 151936
 """
 
@@ -24,7 +24,7 @@ import time
 
 import torch
 
-PEAK_TFLOPS = 989.0
+FALLBACK_PEAK_TFLOPS = 989.0  # H100 SXM / H200, for a device metrics.peak_tflops does not know
 
 
 def measure(*, mbs: int, compile_blocks: bool, global_batch: int, warmup: int, steps: int,
@@ -33,7 +33,7 @@ def measure(*, mbs: int, compile_blocks: bool, global_batch: int, warmup: int, s
     from megatron.bridge.recipes.qwen import qwen25_500m_pretrain_config
     from megatron.bridge.training.callbacks import CallbackManager
     from megatron.bridge.training.gpt_step import forward_step
-    from megatron.bridge.training.metrics import model_flops_per_token
+    from megatron.bridge.training.metrics import model_flops_per_token, peak_tflops
     from megatron.bridge.training.pretrain import pretrain
 
     cfg = qwen25_500m_pretrain_config(dir="/tmp/gpu_throughput")
@@ -75,9 +75,11 @@ def measure(*, mbs: int, compile_blocks: bool, global_batch: int, warmup: int, s
     seconds = (marks["end"] - marks["start"]) / steps
     tokens_per_s = global_batch * cfg.model.seq_length / seconds
     tflops = tokens_per_s * found["flops_per_token"] / 1e12
+    peak = peak_tflops(torch.device("cuda")) or FALLBACK_PEAK_TFLOPS
     return {
         "mbs": mbs, "compile": compile_blocks, "ms_per_step": 1000 * seconds, "tokens_per_s": tokens_per_s,
-        "tflops": tflops, "mfu": tflops / PEAK_TFLOPS, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "tflops": tflops, "mfu": tflops / peak, "peak_tflops": peak,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
         "params": found["params"], "vocab": found["vocab"], "flops_per_token": found["flops_per_token"],
         "graphs": _compiled_graphs(),
     }
@@ -111,11 +113,12 @@ def run_child(args: argparse.Namespace, mbs: int, compile_blocks: bool) -> dict:
 def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     print(f"\nqwen25_500m recipe on one {name} (torch {torch.__version__}), seq 4096, global batch "
-          f"{args.global_batch}, {args.steps} timed steps after {args.warmup}; MFU against {PEAK_TFLOPS:.0f} TFLOP/s")
+          f"{args.global_batch}, {args.steps} timed steps after {args.warmup}")
     first = next((row for row in rows if "error" not in row), None)
     if first:
         print(f"model: {first['params'] / 1e6:.1f}M parameters, vocab {first['vocab']}, "
-              f"{first['flops_per_token'] / 1e9:.3f} GFLOP per token (6N + attention)")
+              f"{first['flops_per_token'] / 1e9:.3f} GFLOP per token (6N + attention); "
+              f"MFU against {first['peak_tflops']:.0f} TFLOP/s")
     print(f"{'mbs':>3s} {'compile':>7s} {'ms/step':>9s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak GiB':>9s}")
     for row in rows:
         label = f"{row['mbs']:3d} {'on' if row['compile'] else 'off':>7s}"

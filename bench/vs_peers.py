@@ -10,12 +10,13 @@ embeddings, seq 128, vocab 1024), the same mock data, steps and global batch, tr
 Each step is stamped at its first micro-batch by a wrapper around the model's forward (identical
 for all three). The table shows the median step time over `--steps` steps after `--warmup`, as
 tokens/s, over `--rounds` rounds (median of rounds), and the ratios a/b and a/c measured in the same
-run. Goals: a/b >= 1.3, a/c >= 0.97. transformers is a bench-only dependency (`pip install
-transformers`).
+run. Goals: a/b >= 1.3, a/c >= 0.97. transformers and accelerate are bench-only dependencies
+(`.venv/bin/pip install -e ".[bench]"`).
 
     .venv/bin/python bench/vs_peers.py [--steps 30 --warmup 5 --rounds 3 --threads 2]
 
-On a GPU (when one is present) the same script runs all three there.
+On a GPU (when one is present) the same script runs all three there, each eagerly (`train.compile`
+off: the comparison is of the loops, not the compiler), with a device synchronisation at each stamp.
 """
 
 from __future__ import annotations

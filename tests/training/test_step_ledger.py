@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import make_tiny_config
-from megatron.bridge.training import metrics, step_ledger
+from megatron.bridge.training import step_ledger
 from megatron.bridge.training.callbacks import CallbackManager
 from megatron.bridge.training.gpt_step import forward_step
 from megatron.bridge.training.optim import OptimizerParamScheduler
@@ -31,21 +31,30 @@ def _ledger(*, deferred: bool, raise_on_nan: bool = False) -> tuple[StepLedger, 
 
 def test_deferred_ledger_reads_nothing_until_settled_then_winds_the_schedule_back():
     ledger, train_state = _ledger(deferred=True)
-    outcomes = [StepOutcome(i + 1, torch.tensor(norm)) for i, norm in enumerate([1.0, math.nan, 2.0])]
+    norms = [1.0, math.nan, 2.0, math.inf]
+    outcomes = [StepOutcome(i + 1, torch.tensor(norm)) for i, norm in enumerate(norms)]
     for outcome in outcomes:
         ledger.record(outcome)
     assert not any(outcome.is_read for outcome in outcomes)
-    assert ledger.scheduler.num_steps == 3 and ledger.scheduler.get_lr() == pytest.approx(0.3)
-    assert [o.found_inf.item() for o in outcomes] == [0.0, 1.0, 0.0]
+    assert ledger.scheduler.num_steps == 4 and ledger.scheduler.get_lr() == pytest.approx(0.4)
+    assert [o.found_inf.item() for o in outcomes] == [0.0, 1.0, 0.0, 1.0]
 
     ledger.settle()
-    assert all(outcome.is_read for outcome in outcomes)
-    assert [o.skipped for o in outcomes] == [False, True, False]
-    assert outcomes[0].grad_norm == 1.0 and math.isnan(outcomes[1].grad_norm)
+    assert outcomes[-1].is_read and outcomes[-1].grad_norm == math.inf  # the log line's value
     assert ledger.scheduler.num_steps == 2 and ledger.scheduler.get_lr() == pytest.approx(0.2)
-    assert train_state.skipped_train_samples == 8
+    assert train_state.skipped_train_samples == 16
     ledger.settle()  # nothing pending: no double counting
-    assert ledger.scheduler.num_steps == 2 and train_state.skipped_train_samples == 8
+    assert ledger.scheduler.num_steps == 2 and train_state.skipped_train_samples == 16
+    # Earlier steps are still readable one by one, for whoever asks.
+    assert [o.skipped for o in outcomes] == [False, True, False, True]
+
+
+def test_deferred_check_for_nan_names_the_first_bad_iteration_and_its_norm():
+    ledger, _ = _ledger(deferred=True, raise_on_nan=True)
+    for iteration, norm in enumerate([1.0, 2.0, math.nan, 3.0, math.inf], start=1):
+        ledger.record(StepOutcome(iteration, torch.tensor(norm)))
+    with pytest.raises(RuntimeError, match=r"gradient norm is nan at iteration 3 "):
+        ledger.settle()
 
 
 def test_immediate_ledger_settles_each_step_and_raises_naming_the_iteration():
@@ -87,23 +96,22 @@ def _nan_at(index):
 
 
 def _train(monkeypatch, *, fused: bool, log_interval: int, check_nan: bool = False):
-    """Train 5 steps with a NaN loss at iteration 3; return reads, final weights, schedule and skips."""
+    """Train 5 steps with a NaN loss at iteration 3; return device reads, final weights, schedule and skips."""
     monkeypatch.setattr(torch.optim, "AdamW", _adamw(fused))
-    reads: list[list[int]] = []
-    original = step_ledger.read_outcomes
+    reads: list[int] = []  # tensors per device-to-host read
+    original = step_ledger.read_from_device
 
-    def spy(outcomes):
-        unread = [o.iteration for o in outcomes if not o.is_read]
-        if unread:
-            reads.append(unread)
-        original(outcomes)
+    def spy(tensors):
+        reads.append(len(tensors))
+        return original(tensors)
 
-    monkeypatch.setattr(step_ledger, "read_outcomes", spy)
-    monkeypatch.setattr(metrics, "read_outcomes", spy)
+    monkeypatch.setattr(step_ledger, "read_from_device", spy)
     cfg = make_tiny_config(train__train_iters=5, logger__log_interval=log_interval,
                            ddp__check_for_nan_in_grad=check_nan)
-    end = {}
+    end = {"reads_at_step_start": []}
     manager = CallbackManager()
+    # A callback that asks for no value must not cause reads.
+    manager.register("on_train_step_start", lambda ctx: end["reads_at_step_start"].append(len(reads)))
     manager.register("on_train_end", lambda ctx: end.update(
         weights=torch.cat([p.detach().reshape(-1).clone() for p in ctx.model[0].parameters()]),
         num_steps=ctx.scheduler.num_steps, skipped=ctx.state.train_state.skipped_train_samples,
@@ -116,14 +124,16 @@ def _train(monkeypatch, *, fused: bool, log_interval: int, check_nan: bool = Fal
 def test_fused_optimizer_defers_reads_to_the_log_line(chdir, monkeypatch):
     reads, end = _train(monkeypatch, fused=True, log_interval=5)
     assert end["fused"]
-    assert reads == [[1, 2, 3, 4, 5]]  # one read, at the log line, for all five steps
+    assert end["reads_at_step_start"] == [0, 0, 0, 0, 0]
+    assert reads == [4]  # one read at the log line: skip count, first bad iteration and norm, last norm
     assert end["num_steps"] == 4 and end["skipped"] == 4  # the NaN step is skipped and not scheduled
 
 
 def test_unfused_optimizer_reads_every_step(chdir, monkeypatch):
     reads, end = _train(monkeypatch, fused=False, log_interval=5)
     assert not end["fused"]
-    assert reads == [[1], [2], [3], [4], [5]]
+    assert end["reads_at_step_start"] == [0, 1, 2, 3, 4]
+    assert reads == [1, 1, 1, 1, 1]
     assert end["num_steps"] == 4 and end["skipped"] == 4
 
 
@@ -141,3 +151,12 @@ def test_deferred_and_immediate_skips_train_the_same_weights_when_logging_every_
 def test_deferred_check_for_nan_in_grad_raises_at_the_next_read_naming_the_bad_iteration(chdir, monkeypatch):
     with pytest.raises(RuntimeError, match=r"gradient norm is nan at iteration 3 "):
         _train(monkeypatch, fused=True, log_interval=5, check_nan=True)
+
+
+def test_log_line_counts_a_deferred_skip_and_averages_only_applied_steps(chdir, monkeypatch, capsys):
+    _train(monkeypatch, fused=True, log_interval=5)
+    line = next(line for line in capsys.readouterr().out.splitlines() if "iteration        5/" in line)
+    assert "number of skipped iterations:   1" in line and "number of nan iterations:   1" in line
+    loss = float(line.split("lm loss: ")[1].split(" |")[0])
+    assert math.isfinite(loss) and 3.0 < loss < 6.0  # ln(128) = 4.85 at the start of training
+    assert "grad norm: " in line and "grad norm: nan" not in line  # the last step's norm

@@ -41,6 +41,11 @@ class StepDecision:
     validation_reason: str | None = None
     """Why a validation pass runs now, on request."""
 
+    @property
+    def acts(self) -> bool:
+        """True when the step ends with a stop, a requested checkpoint or a requested validation."""
+        return bool(self.stop_reason or self.checkpoint_reason or self.validation_reason)
+
 
 class ExitConditions:
     """Decides, once per step and identically on every rank, whether to stop, save or validate.

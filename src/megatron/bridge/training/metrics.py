@@ -23,10 +23,10 @@ import torch
 from megatron.bridge.training.callbacks import CallbackManager
 from megatron.bridge.training.distributed import print_rank_0
 from megatron.bridge.training.state import GlobalState
-from megatron.bridge.training.step_ledger import StepOutcome, read_outcomes
+from megatron.bridge.training.step_ledger import StepOutcome
 
-# Dense bf16 peak rates per device, in TFLOP/s, for MFU.
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+# Dense bf16 peak rates per device, in TFLOP/s, for MFU; the first key found in the device name wins.
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
 def model_flops_per_token(model: torch.nn.Module, *, num_layers: int, seq_length: int, attention_width: int) -> float:
@@ -84,7 +84,11 @@ class MetricsLogger:
         self._reset_window()
 
     def _reset_window(self) -> None:
-        self._window: list[StepResult] = []
+        # Sums stay on the device (no waiting per step), in constant memory however long the window.
+        self._loss_sums: dict[str, torch.Tensor] = {}
+        self._skipped: torch.Tensor | float = 0.0
+        self._steps = 0
+        self._tokens = 0
         self._window_start = time.perf_counter()
         if self.callbacks is not None:
             self._callback_seconds = self.callbacks.seconds_by_callback()
@@ -94,8 +98,17 @@ class MetricsLogger:
         return step % self.state.cfg.logger.log_interval == 0
 
     def maybe_log(self, result: StepResult, *, learning_rate: float) -> None:
-        """Keep one step's results; print and write scalars when the step is a multiple of log_interval."""
-        self._window.append(result)
+        """Accumulate one step; print and write scalars when the step is a multiple of log_interval."""
+        self._steps += 1
+        self._tokens += result.num_tokens
+        found_inf = result.outcome.found_inf
+        for name, value in result.loss_dict.items():
+            value = value.detach()
+            if found_inf is not None:  # a skipped step's loss (often NaN) stays out of the mean
+                value = torch.where(found_inf > 0, 0.0, value)
+            self._loss_sums[name] = self._loss_sums.get(name, 0.0) + value
+        if found_inf is not None:
+            self._skipped = self._skipped + found_inf
         step = self.state.train_state.step
         if self.is_due(step):
             self._log(step, result, learning_rate)
@@ -103,17 +116,13 @@ class MetricsLogger:
 
     def _log(self, step: int, result: StepResult, learning_rate: float) -> None:
         cfg = self.state.cfg
-        # Reading the values waits for the device, so the window's time includes all of its work.
-        read_outcomes([r.outcome for r in self._window])
-        applied = [r for r in self._window if not r.skipped_iter]
-        losses = {name: float(sum(r.loss_dict[name] for r in applied)) / len(applied)
-                  for name in result.loss_dict} if applied else {}
+        # Reading the sums waits for the device, so the window's time includes all of its work.
+        steps, skipped = self._steps, int(float(self._skipped))
+        applied = steps - skipped
+        losses = {name: float(total) / applied for name, total in self._loss_sums.items()} if applied else {}
         elapsed = time.perf_counter() - self._window_start
-        steps = len(self._window)
-        skipped = steps - len(applied)
-        nan = sum(r.grad_norm is not None and not math.isfinite(r.grad_norm) for r in self._window)
         ms_per_step = 1000.0 * elapsed / steps
-        tokens_per_s = sum(r.num_tokens for r in self._window) / elapsed / self.world_size
+        tokens_per_s = self._tokens / elapsed / self.world_size
         tflops = tokens_per_s * self.flops_per_token / 1e12
         scalars = {"learning-rate": learning_rate, **losses, "iteration-time": elapsed / steps,
                    "tokens-per-second-per-device": tokens_per_s, "throughput-tflops-per-device": tflops}
@@ -128,7 +137,8 @@ class MetricsLogger:
         if result.grad_norm is not None:
             parts.append(f"grad norm: {result.grad_norm:.3f}")
             scalars["grad-norm"] = result.grad_norm
-        parts += [f"number of skipped iterations: {skipped:3d}", f"number of nan iterations: {nan:3d}"]
+        # Only a non-finite gradient norm skips a step, so every skipped iteration is a nan iteration.
+        parts += [f"number of skipped iterations: {skipped:3d}", f"number of nan iterations: {skipped:3d}"]
         if cfg.logger.log_throughput:
             parts += [f"tokens per second per device: {tokens_per_s:.0f}",
                       f"throughput per device (TFLOP/s): {tflops:.3f}"]

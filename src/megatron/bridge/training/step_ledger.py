@@ -31,7 +31,7 @@ class StepOutcome:
     def __init__(self, iteration: int, grad_norm: torch.Tensor | None) -> None:
         self.iteration = iteration
         """The 1-based iteration this step completes."""
-        self._norm = grad_norm
+        self.norm_on_device = grad_norm
         self.found_inf = None if grad_norm is None else (~torch.isfinite(grad_norm)).float()
         """1.0 on the device when the norm is not finite (the update must be skipped), else 0.0."""
         self._host_norm: float | None = None
@@ -41,7 +41,7 @@ class StepOutcome:
     def grad_norm(self) -> float | None:
         """The total norm before clipping as a Python float (None when clipping is off)."""
         if not self.is_read:
-            read_outcomes([self])
+            self.set_read(read_from_device([self.norm_on_device])[0])
         return self._host_norm
 
     @property
@@ -50,15 +50,47 @@ class StepOutcome:
         norm = self.grad_norm
         return norm is not None and not math.isfinite(norm)
 
+    def set_read(self, value: float) -> None:
+        """Record the norm read from the device."""
+        self._host_norm, self.is_read = value, True
 
-def read_outcomes(outcomes: list[StepOutcome]) -> None:
-    """Read every unread outcome's norm with one device-to-host copy."""
-    unread = [outcome for outcome in outcomes if not outcome.is_read]
-    if not unread:
-        return
-    values = torch.stack([outcome._norm for outcome in unread]).tolist()
-    for outcome, value in zip(unread, values, strict=True):
-        outcome._host_norm, outcome.is_read, outcome._norm = value, True, None
+
+def read_from_device(tensors: list[torch.Tensor]) -> list[float]:
+    """0-dim tensors as Python floats, with one device-to-host copy (one wait for the device)."""
+    return torch.stack(tensors).tolist()
+
+
+class _PendingSteps:
+    """Device-side totals over the steps recorded since the last read: constant memory however many."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.last: StepOutcome | None = None
+        self.skipped = self.first_bad_iteration = self.first_bad_norm = None
+
+    def add(self, outcome: StepOutcome) -> None:
+        norm, found = outcome.norm_on_device, outcome.found_inf
+        assert norm is not None and found is not None
+        bad_iteration = torch.where(found > 0, float(outcome.iteration), math.inf)
+        if self.count == 0:
+            self.skipped, self.first_bad_iteration, self.first_bad_norm = found, bad_iteration, norm
+        else:
+            # Until a bad step has been seen the norm slot follows the latest step; then it stays.
+            self.first_bad_norm = torch.where(torch.isfinite(self.first_bad_iteration), self.first_bad_norm, norm)
+            self.first_bad_iteration = torch.minimum(self.first_bad_iteration, bad_iteration)
+            self.skipped = self.skipped + found
+        self.last = outcome
+        self.count += 1
+
+    def read(self) -> tuple[int, int | None, float | None]:
+        """Skipped steps, the first bad iteration and its norm; also reads the last step's norm."""
+        assert self.last is not None
+        skipped, first_iteration, first_norm, last_norm = read_from_device(
+            [self.skipped, self.first_bad_iteration, self.first_bad_norm, self.last.norm_on_device])
+        self.last.set_read(last_norm)
+        if not skipped:
+            return 0, None, None
+        return int(skipped), int(first_iteration), first_norm
 
 
 class StepLedger:
@@ -72,29 +104,32 @@ class StepLedger:
         self.raise_on_nan = raise_on_nan
         self.deferred = deferred
         """True when the optimizer skips non-finite updates on the device, so reads can wait."""
-        self._pending: list[StepOutcome] = []
+        self._pending = _PendingSteps()
 
     def record(self, outcome: StepOutcome) -> None:
         """Count a step whose update has been queued; settle it now unless reads are deferred."""
         self.scheduler.step(1)
-        self._pending.append(outcome)
-        if not self.deferred:
-            self.settle()
+        if outcome.found_inf is None:
+            return  # no norm (clipping off): nothing can be skipped
+        if self.deferred:
+            self._pending.add(outcome)
+        elif outcome.skipped:  # read right away: free on a CPU
+            self._account(1, outcome.iteration, outcome.grad_norm)
 
     def settle(self) -> None:
-        """Read all pending outcomes (one wait for the device) and account for the skipped steps."""
-        if not self._pending:
+        """Read the pending steps' totals (one wait for the device) and account for the skipped ones."""
+        if not self._pending.count:
             return
-        pending, self._pending = self._pending, []
-        read_outcomes(pending)
-        skipped = [outcome for outcome in pending if outcome.skipped]
-        if not skipped:
-            return
-        self.train_state.skipped_train_samples += self.global_batch_size * len(skipped)
-        self.scheduler.step(-len(skipped))
+        pending, self._pending = self._pending, _PendingSteps()
+        skipped, first_iteration, first_norm = pending.read()
+        if skipped:
+            self._account(skipped, first_iteration, first_norm)
+
+    def _account(self, skipped: int, first_iteration: int, first_norm: float) -> None:
+        self.train_state.skipped_train_samples += self.global_batch_size * skipped
+        self.scheduler.step(-skipped)
         if self.raise_on_nan:
-            first = skipped[0]
             raise RuntimeError(
-                f"gradient norm is {first.grad_norm} at iteration {first.iteration} "
+                f"gradient norm is {first_norm} at iteration {first_iteration} "
                 "(ddp.check_for_nan_in_grad=True; set it to False to skip such updates instead)"
             )

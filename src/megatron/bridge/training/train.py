@@ -53,7 +53,7 @@ def train(run: SetupOutput) -> bool:
                 evaluate(run, "eval")
             # Requests are agreed before saving, so a requested validation is in this step's checkpoint.
             decision = exit_conditions.check(train_state.step, state.requests)
-            if decision.stop_reason or decision.checkpoint_reason or decision.validation_reason:
+            if decision.acts:
                 run.ledger.settle()
             if decision.validation_reason and not validated:
                 evaluate(run, "eval")
