@@ -553,32 +553,47 @@ def test_stop_requested_on_one_rank_stops_both(tmp_path):
     assert "stopping after iteration 5" in stdout
 
 
-def test_requests_are_combined_by_one_all_reduce_only_when_callbacks_exist(monkeypatch):
+def test_requests_are_combined_by_one_cpu_all_reduce_only_when_some_rank_has_callbacks(monkeypatch):
     from megatron.bridge.training import exit_conditions
 
     reduced: list[torch.Tensor] = []
+    other_rank_has_callbacks = False
 
-    def fake_all_reduce(tensor, op=None):
+    def fake_all_reduce(tensor, op=None, group=None):
+        assert group == "gloo group" and tensor.device.type == "cpu"
         reduced.append(tensor.clone())
-        tensor[3] = 1.0  # "another rank" asked for a checkpoint
+        if tensor.numel() == 1:  # the agreement on whether to combine at all
+            tensor[0] = max(float(tensor[0]), float(other_rank_has_callbacks))
+        else:
+            tensor[3] = 1.0  # "another rank" asked for a checkpoint
 
     monkeypatch.setattr(exit_conditions.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(exit_conditions.dist, "get_world_size", lambda: 2)
     monkeypatch.setattr(exit_conditions.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(exit_conditions.dist, "new_group", lambda backend=None: "gloo group")
     monkeypatch.setattr(exit_conditions.dist, "all_reduce", fake_all_reduce)
     config = make_tiny_config().train
 
-    quiet = ExitConditions(config, start_time=time.time(), device=torch.device("cpu"), requests_possible=False)
-    decision = quiet.check(1, RunRequests())
-    assert reduced == [] and decision.stop_reason is None and decision.checkpoint_reason is None
+    with ExitConditions(config, start_time=time.time(), requests_possible=False) as quiet:
+        decision = quiet.check(1, RunRequests())
+    assert len(reduced) == 1, "only the agreement: no rank has callbacks"
+    assert decision.stop_reason is None and decision.checkpoint_reason is None
 
-    listening = ExitConditions(config, start_time=time.time(), device=torch.device("cpu"), requests_possible=True)
-    requests = RunRequests(stop="local reason")
-    decision = listening.check(1, requests)
-    assert len(reduced) == 1 and reduced[0].numel() <= 8
+    reduced.clear()
+    with ExitConditions(config, start_time=time.time(), requests_possible=True) as listening:
+        requests = RunRequests(stop="local reason")
+        decision = listening.check(1, requests)
+    assert len(reduced) == 2 and reduced[1].numel() <= 8
     assert "local reason" in decision.stop_reason and not decision.early
     assert decision.checkpoint_reason == "asked on another rank"
     assert requests == RunRequests(), "requests are cleared once combined"
+
+    # Callbacks on another rank only: this rank must take part in every step's combination too.
+    reduced.clear()
+    other_rank_has_callbacks = True
+    with ExitConditions(config, start_time=time.time(), requests_possible=False) as follower:
+        decision = follower.check(1, RunRequests())
+    assert len(reduced) == 2 and decision.checkpoint_reason == "asked on another rank"
 
 
 # ----------------------------------------------------------------------------------- (f) filters

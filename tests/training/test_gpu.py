@@ -43,8 +43,10 @@ def test_compiled_blocks_match_eager_in_bf16_on_the_gpu(chdir):
 class _NoSyncWindow:
     """Turns CUDA's sync checker to "error" from the start of step `first` to the start of step `last`.
 
-    The callback asks for no value, so it must not cause a read: any host-device synchronisation in
-    between (an `.item()`, a blocking copy, a `cudaStreamSynchronize`) raises inside the loop.
+    The callback asks for no value, so it must not cause a read: a host-device synchronisation the
+    checker sees in between (an `.item()`, a blocking device-to-host copy, a stream synchronize)
+    raises inside the loop. (The checker does not see every kind: not a non-blocking copy from
+    pageable host memory, for one.)
     """
 
     def __init__(self, first: int, last: int) -> None:
@@ -66,6 +68,10 @@ class _NoSyncWindow:
 def test_training_steps_never_wait_for_the_gpu_between_log_lines(chdir, compile_blocks):
     cfg = _bf16_config(train__train_iters=8, logger__log_interval=8)
     cfg.train.compile = compile_blocks
+    # Long enough sequences and a large enough vocabulary for the loss to run in several checkpointed
+    # chunks, as the recipes' does: 2 x 1024 tokens, 2^27 / 2^17 = 1024 tokens per chunk.
+    cfg.model.seq_length = cfg.dataset.seq_length = 1024
+    cfg.tokenizer.vocab_size = 2**17
     window = _NoSyncWindow(first=2, last=7)
     manager = CallbackManager()
     manager.register("on_train_step_start", window)

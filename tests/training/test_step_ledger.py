@@ -57,13 +57,22 @@ def test_deferred_check_for_nan_names_the_first_bad_iteration_and_its_norm():
         ledger.settle()
 
 
-def test_immediate_ledger_settles_each_step_and_raises_naming_the_iteration():
-    ledger, _ = _ledger(deferred=False, raise_on_nan=True)
+def test_immediate_ledger_accounts_each_step_and_check_raises_naming_the_iteration():
+    ledger, train_state = _ledger(deferred=False, raise_on_nan=True)
     ledger.record(StepOutcome(1, torch.tensor(3.0)))
-    assert ledger.scheduler.num_steps == 1
+    ledger.record(StepOutcome(2, torch.tensor(math.inf)))
+    assert ledger.scheduler.num_steps == 1 and train_state.skipped_train_samples == 8
     with pytest.raises(RuntimeError, match=r"gradient norm is inf at iteration 2 .*check_for_nan_in_grad"):
-        ledger.record(StepOutcome(2, torch.tensor(math.inf)))
-    assert ledger.scheduler.num_steps == 1
+        ledger.check()
+    ledger.check()  # raised once
+
+
+def test_settle_without_check_keeps_the_error_for_check():
+    ledger, _ = _ledger(deferred=True, raise_on_nan=True)
+    ledger.record(StepOutcome(1, torch.tensor(math.nan)))
+    ledger.settle(check=False)  # the loop prints the log line in between
+    with pytest.raises(RuntimeError, match=r"iteration 1 "):
+        ledger.check()
 
 
 def test_no_norm_means_nothing_to_read_and_nothing_skipped():
@@ -160,3 +169,79 @@ def test_log_line_counts_a_deferred_skip_and_averages_only_applied_steps(chdir, 
     loss = float(line.split("lm loss: ")[1].split(" |")[0])
     assert math.isfinite(loss) and 3.0 < loss < 6.0  # ln(128) = 4.85 at the start of training
     assert "grad norm: " in line and "grad norm: nan" not in line  # the last step's norm
+
+
+# ------------------------------------------------------------------- reads and checkpoints together
+
+
+def _run_with_checkpoints(monkeypatch, save_dir, *, save_interval=None, request_checkpoint_at=None):
+    """6 steps, fused AdamW, NaN at iteration 3, no log line before the end; return the final state."""
+    monkeypatch.setattr(torch.optim, "AdamW", _adamw(True))
+    cfg = make_tiny_config(train__train_iters=6, logger__log_interval=100, ddp__check_for_nan_in_grad=False,
+                           checkpoint__save=str(save_dir), checkpoint__load=str(save_dir),
+                           checkpoint__save_interval=save_interval)
+    end = {}
+    manager = CallbackManager()
+
+    def maybe_request(ctx):
+        if ctx.state.train_state.step == request_checkpoint_at:
+            ctx.state.request_checkpoint("test")
+
+    manager.register("on_train_step_start", maybe_request)
+    manager.register("on_train_end", lambda ctx: end.update(
+        weights=torch.cat([p.detach().reshape(-1).clone() for p in ctx.model[0].parameters()]),
+        num_steps=ctx.scheduler.num_steps, skipped=ctx.state.train_state.skipped_train_samples,
+        lr=ctx.scheduler.get_lr(),
+    ))
+    pretrain(cfg, _nan_at(2), callbacks=manager)
+    return end
+
+
+def _keep_only_step_4(save_dir):
+    import shutil
+
+    for directory in save_dir.glob("iter_*"):
+        if directory.name != "iter_0000004":
+            shutil.rmtree(directory)
+    (save_dir / "latest_checkpointed_iteration.txt").write_text("4")
+
+
+@pytest.mark.parametrize("how", ["save_interval", "callback_request"])
+def test_checkpoint_after_a_deferred_skip_resumes_exactly(tmp_path, monkeypatch, how):
+    # The step-4 checkpoint is written while iteration 3's skip is still unread on the device:
+    # it must hold the settled schedule (3 steps, not 4) and skip count, or the resumed run diverges.
+    kwargs = {"save_interval": 4} if how == "save_interval" else {"request_checkpoint_at": 3}
+    monkeypatch.chdir(tmp_path)
+    full = _run_with_checkpoints(monkeypatch, tmp_path / "ckpt", **kwargs)
+    assert full["num_steps"] == 5 and full["skipped"] == 4
+    _keep_only_step_4(tmp_path / "ckpt")
+    resumed = _run_with_checkpoints(monkeypatch, tmp_path / "ckpt", **kwargs)
+    assert (resumed["num_steps"], resumed["skipped"], resumed["lr"]) == (full["num_steps"], full["skipped"], full["lr"])
+    torch.testing.assert_close(resumed["weights"], full["weights"], rtol=0, atol=0)
+
+
+def test_deferred_nan_check_prints_the_log_line_before_raising(chdir, monkeypatch, capsys):
+    with pytest.raises(RuntimeError, match=r"iteration 3 "):
+        _train(monkeypatch, fused=True, log_interval=5, check_nan=True)
+    assert "number of skipped iterations:   1" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------- on_train_step_end's fields
+
+
+def test_step_end_callback_reads_only_what_it_asks_for(chdir, monkeypatch):
+    monkeypatch.setattr(torch.optim, "AdamW", _adamw(True))
+    reads: list[int] = []
+    original = step_ledger.read_from_device
+    monkeypatch.setattr(step_ledger, "read_from_device",
+                        lambda tensors: reads.append(len(tensors)) or original(tensors))
+    cfg = make_tiny_config(train__train_iters=4, logger__log_interval=100)
+    norms: list = []
+    manager = CallbackManager()
+    manager.register("on_train_step_end", lambda ctx: None)  # asks for nothing
+    manager.register("on_train_step_end", lambda ctx: norms.append(ctx.grad_norm) if ctx.state.train_state.step >= 2
+                     else None)
+    pretrain(cfg, forward_step, callbacks=manager)
+    # Steps 0 and 1 read nothing; steps 2 and 3 read their own norm; the end of training reads the totals.
+    assert reads == [1, 1, 4]
+    assert len(norms) == 2 and all(type(norm) is float and math.isfinite(norm) for norm in norms)

@@ -23,8 +23,9 @@ def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
 
 @functools.cache
 def _compiled_chunk_loss() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    # Compiled, the fp32 cast, log-softmax and target pick become one pass over the bf16 logits.
-    return torch.compile(_chunk_loss, dynamic=False)
+    # Compiled, the fp32 cast, log-softmax and target pick become one pass over the bf16 logits. Shapes
+    # start static; a second shape (the last, shorter chunk; variable-length batches) compiles a dynamic one.
+    return torch.compile(_chunk_loss)
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,

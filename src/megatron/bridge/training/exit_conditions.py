@@ -8,7 +8,8 @@ Two kinds of stop:
 
 Callbacks may also request a checkpoint or a validation pass. Every rank must take the same
 decision at the same step or the ranks deadlock, so the local flags of all ranks are combined
-with one small all-reduce per step, done only when something could differ between ranks.
+with one small all-reduce per step on a CPU group (no wait for the GPU), done only when something
+could differ between ranks.
 """
 
 from __future__ import annotations
@@ -53,22 +54,37 @@ class ExitConditions:
     A context manager that owns the signal handlers while training runs.
     """
 
-    def __init__(self, config: TrainingConfig, *, start_time: float, device: torch.device,
-                 requests_possible: bool) -> None:
+    def __init__(self, config: TrainingConfig, *, start_time: float, requests_possible: bool) -> None:
         self.config = config
         self.start_time = start_time
-        self.device = device
         self.requests_possible = requests_possible
         """False when no callback is registered: nobody can make a request, so there is nothing to combine."""
         self._signal_received: int | None = None
         self._previous_handlers: dict[int, object] = {}
+        self._group: dist.ProcessGroup | None = None
 
     def __enter__(self) -> ExitConditions:
         # Python only lets the main thread install handlers; elsewhere signals keep their default.
         if self.config.exit_signal_handler and threading.current_thread() is threading.main_thread():
             for sig in _SIGNALS:
                 self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
+        self._group = self._combining_group()
         return self
+
+    def _combining_group(self) -> dist.ProcessGroup | None:
+        """A CPU (gloo) group for the per-step flags when any rank could raise one, else None.
+
+        The flags are host values: combining them on the CPU never waits for the GPU. Ranks may
+        differ in what could raise a flag (callbacks registered on rank 0 only, say), so they agree
+        once, here, on whether to combine at all.
+        """
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return None
+        local = self.requests_possible or self.config.exit_duration_in_mins is not None or self._previous_handlers
+        group = dist.new_group(backend="gloo")
+        needed = torch.tensor([float(bool(local))])
+        dist.all_reduce(needed, op=dist.ReduceOp.MAX, group=group)
+        return group if needed.item() else None
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous_handlers.items():
@@ -109,11 +125,10 @@ class ExitConditions:
 
     def _combine(self, local: list[float]) -> list[float]:
         # Clocks, signals and callbacks differ between ranks; all must act at the same step.
-        needed = self.requests_possible or self.config.exit_duration_in_mins is not None or self._previous_handlers
-        if not (needed and dist.is_initialized() and dist.get_world_size() > 1):
+        if self._group is None:
             return local
-        flags = torch.tensor(local, device=self.device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        flags = torch.tensor(local)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)
         return flags.tolist()
 
 

@@ -61,12 +61,12 @@ class StepResult:
 
     @property
     def grad_norm(self) -> float | None:
-        """Total gradient norm before clipping; None when not computed."""
+        """Total gradient norm before clipping; None when not computed. The first read waits for the device."""
         return self.outcome.grad_norm
 
     @property
     def skipped_iter(self) -> bool:
-        """True when the update was not applied."""
+        """True when the update was not applied. The first read waits for the device."""
         return self.outcome.skipped
 
 

@@ -3,16 +3,18 @@
 Reading a GPU value on the host (`.item()`) makes the host wait until the GPU has run everything
 queued so far, so the next step cannot be queued while this one computes. With a fused optimizer
 (Adam's default on GPUs) the loop therefore never reads a step's gradient norm by itself: the
-optimizer skips a non-finite update on the device (its `found_inf` input), the learning-rate
-schedule advances as if the update was applied, and the outcomes of all steps since the last read
-are read together, with one wait, when a reader needs them: the log line, a callback's
-`grad_norm`/`skipped_iter`, an evaluation, a checkpoint or the end of training. Reading settles
-the bookkeeping of skipped steps: their samples are counted as skipped, the schedule is wound back
-by one step for each, and `ddp.check_for_nan_in_grad` raises, naming the first bad iteration.
+optimizer skips a non-finite update on the device (its `found_inf` input) and the learning-rate
+schedule advances as if the update was applied. The pending steps are kept as a few running
+totals on the device and read together, with one wait, at points every rank reaches together: the
+log line, an evaluation, a checkpoint, a stop or request, and the end of training. Reading
+settles the bookkeeping of skipped steps: their samples are counted as skipped and the schedule is
+wound back one step for each; `check()` then raises for `ddp.check_for_nan_in_grad`, naming the
+first bad iteration (the loop calls it after the log line, so that line shows the window).
 
-Between a skipped step and the next read, the learning rate is therefore one step ahead of the
-exact schedule (with `logger.log_interval=1` there is no such window). Otherwise (unfused Adam on
-CPUs, SGD, fp16 loss scaling) the host reads each outcome right away, which costs nothing on a CPU.
+Between a skipped step and the next read, the learning rate is ahead of the exact schedule by the
+number of skipped steps (with `logger.log_interval=1` there is no such window). Without a fused
+optimizer (SGD, fp16 loss scaling, unfused Adam on CPUs) the host reads each step's outcome right
+away: free on a CPU, one wait per step on a GPU.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class StepOutcome:
 
 def read_from_device(tensors: list[torch.Tensor]) -> list[float]:
     """0-dim tensors as Python floats, with one device-to-host copy (one wait for the device)."""
-    return torch.stack(tensors).tolist()
+    return torch.stack([tensor.double() for tensor in tensors]).tolist()
 
 
 class _PendingSteps:
@@ -71,7 +73,8 @@ class _PendingSteps:
     def add(self, outcome: StepOutcome) -> None:
         norm, found = outcome.norm_on_device, outcome.found_inf
         assert norm is not None and found is not None
-        bad_iteration = torch.where(found > 0, float(outcome.iteration), math.inf)
+        # float64 counts iterations exactly far beyond any run's length.
+        bad_iteration = torch.where(found > 0, torch.tensor(float(outcome.iteration), dtype=torch.float64), math.inf)
         if self.count == 0:
             self.skipped, self.first_bad_iteration, self.first_bad_norm = found, bad_iteration, norm
         else:
@@ -105,6 +108,7 @@ class StepLedger:
         self.deferred = deferred
         """True when the optimizer skips non-finite updates on the device, so reads can wait."""
         self._pending = _PendingSteps()
+        self._error: str | None = None
 
     def record(self, outcome: StepOutcome) -> None:
         """Count a step whose update has been queued; settle it now unless reads are deferred."""
@@ -116,20 +120,27 @@ class StepLedger:
         elif outcome.skipped:  # read right away: free on a CPU
             self._account(1, outcome.iteration, outcome.grad_norm)
 
-    def settle(self) -> None:
-        """Read the pending steps' totals (one wait for the device) and account for the skipped ones."""
-        if not self._pending.count:
-            return
-        pending, self._pending = self._pending, _PendingSteps()
-        skipped, first_iteration, first_norm = pending.read()
-        if skipped:
-            self._account(skipped, first_iteration, first_norm)
+    def settle(self, *, check: bool = True) -> None:
+        """Read the pending steps' totals (one wait for the device), account for skipped ones, then `check()`."""
+        if self._pending.count:
+            pending, self._pending = self._pending, _PendingSteps()
+            skipped, first_iteration, first_norm = pending.read()
+            if skipped:
+                self._account(skipped, first_iteration, first_norm)
+        if check:
+            self.check()
+
+    def check(self) -> None:
+        """Raise for a non-finite gradient norm found so far when `ddp.check_for_nan_in_grad` is set."""
+        if self._error is not None:
+            message, self._error = self._error, None
+            raise RuntimeError(message)
 
     def _account(self, skipped: int, first_iteration: int, first_norm: float) -> None:
         self.train_state.skipped_train_samples += self.global_batch_size * skipped
         self.scheduler.step(-skipped)
-        if self.raise_on_nan:
-            raise RuntimeError(
+        if self.raise_on_nan and self._error is None:
+            self._error = (
                 f"gradient norm is {first_norm} at iteration {first_iteration} "
                 "(ddp.check_for_nan_in_grad=True; set it to False to skip such updates instead)"
             )

@@ -30,7 +30,7 @@ def train(run: SetupOutput) -> bool:
     if should_fire(callbacks, "on_train_start"):
         callbacks.fire("on_train_start", _context(run))
     decision = StepDecision()
-    exit_conditions = ExitConditions(cfg.train, start_time=state.start_time, device=run.dist.device,
+    exit_conditions = ExitConditions(cfg.train, start_time=state.start_time,
                                      requests_possible=callbacks is not None and callbacks.has_any)
     with exit_conditions, _manual_gc(cfg.train.manual_gc, cfg.train.manual_gc_interval) as collect_garbage:
         while train_state.step < cfg.train.train_iters:
@@ -38,17 +38,18 @@ def train(run: SetupOutput) -> bool:
                 callbacks.fire("on_train_step_start", _context(run))
             result = train_step(run)
             if should_fire(callbacks, "on_train_step_end"):
-                run.ledger.settle()  # the context carries grad_norm and skipped_iter as Python values
-                callbacks.fire("on_train_step_end", _context(
-                    run, loss_dict=result.loss_dict, grad_norm=result.grad_norm, skipped_iter=result.skipped_iter,
+                callbacks.fire("on_train_step_end", _StepEndContext(
+                    result.outcome, state=run.state, model=run.model, user_state=callbacks.user_state,
+                    optimizer=run.optimizer, scheduler=run.scheduler, loss_dict=result.loss_dict,
                 ))
             train_state.step += 1
             train_state.consumed_train_samples += cfg.train.global_batch_size
             train_state.floating_point_operations_so_far += run.metrics.flops_per_token * result.num_tokens
             validated = _should_validate(cfg, train_state.step)
             if validated or run.metrics.is_due(train_state.step) or run.checkpointer.is_due(train_state.step):
-                run.ledger.settle()
+                run.ledger.settle(check=False)
             run.metrics.maybe_log(result, learning_rate=run.scheduler.get_lr())
+            run.ledger.check()  # after the log line, which then shows the window of a bad step
             if validated:
                 evaluate(run, "eval")
             # Requests are agreed before saving, so a requested validation is in this step's checkpoint.
@@ -106,6 +107,42 @@ def _divide_grads(model: list[torch.nn.Module], divisor: torch.Tensor) -> None:
 def _should_validate(cfg: Any, step: int) -> bool:
     interval = cfg.validation.eval_interval
     return bool(interval) and cfg.validation.eval_iters > 0 and step % interval == 0
+
+
+class _StepEndContext(CallbackContext):
+    """on_train_step_end's context: `grad_norm` and `skipped_iter` wait for the device only when read.
+
+    A callback that reads neither (a timer, a throughput meter) lets the GPU run ahead like no
+    callback at all. Assigning either field stores the assigned value.
+    """
+
+    def __init__(self, outcome: StepOutcome | None = None, **fields: Any) -> None:
+        super().__init__(**fields)
+        # The dataclass __init__ stored the None defaults through the setters; reads go to `outcome` instead.
+        for name in ("grad_norm", "skipped_iter"):
+            if self.__dict__.get(name) is None:
+                self.__dict__.pop(name, None)
+        self._outcome = outcome
+
+    @property
+    def grad_norm(self) -> float | None:
+        if "grad_norm" in self.__dict__ or self._outcome is None:
+            return self.__dict__.get("grad_norm")
+        return self._outcome.grad_norm
+
+    @grad_norm.setter
+    def grad_norm(self, value: float | None) -> None:
+        self.__dict__["grad_norm"] = value
+
+    @property
+    def skipped_iter(self) -> bool | None:
+        if "skipped_iter" in self.__dict__ or self._outcome is None:
+            return self.__dict__.get("skipped_iter")
+        return self._outcome.skipped
+
+    @skipped_iter.setter
+    def skipped_iter(self, value: bool | None) -> None:
+        self.__dict__["skipped_iter"] = value
 
 
 def _context(run: SetupOutput, **fields: Any) -> CallbackContext:
