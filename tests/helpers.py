@@ -6,6 +6,7 @@ from typing import Any
 
 from megatron.bridge.recipes.qwen import qwen25_tiny_pretrain_config
 from megatron.bridge.training.config import ConfigContainer
+from megatron.bridge.training.gpt_step import forward_step
 
 SEED = 1234
 
@@ -51,3 +52,15 @@ def make_tiny_config(**overrides: Any) -> ConfigContainer:
             raise AttributeError(f"{type(target).__name__} has no field {name!r}")
         setattr(target, name, value)
     return cfg
+
+
+def nan_at_step(nan_step: int):
+    """The default forward step, but with NaN losses in training step `nan_step` (0-based)."""
+
+    def step(state, data_iterator, model):
+        output, loss_func = forward_step(state, data_iterator, model)
+        if model.training and state.train_state.step == nan_step:
+            output = output * float("nan")
+        return output, loss_func
+
+    return step

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 import megatron.bridge.training.callbacks as callbacks_module
-from helpers import make_tiny_config
+from helpers import make_tiny_config, nan_at_step
 from megatron.bridge.training.callbacks import VALID_EVENTS, Callback, CallbackContext, CallbackManager
 from megatron.bridge.training.gpt_step import forward_step
 from megatron.bridge.training.pretrain import pretrain
@@ -604,16 +604,6 @@ def test_pretrain_keeps_a_process_group_it_did_not_create(chdir):
 
 
 # ----------------------------------------------------------------------------------- non-finite grads
-
-
-def nan_at_step(nan_step):
-    def fs(state, data_iterator, model):
-        output, loss_func = forward_step(state, data_iterator, model)
-        if model.training and state.train_state.step == nan_step:
-            output = output * float("nan")
-        return output, loss_func
-
-    return fs
 
 
 class ParamWatcher(Callback):

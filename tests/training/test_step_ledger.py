@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from helpers import make_tiny_config
+from helpers import make_tiny_config, nan_at_step
 from megatron.bridge.training import step_ledger
 from megatron.bridge.training.callbacks import CallbackManager
 from megatron.bridge.training.gpt_step import forward_step
@@ -94,16 +94,6 @@ def _adamw(fused: bool) -> type[torch.optim.AdamW]:
     return ForcedAdamW
 
 
-def _nan_at(index):
-    def step(state, data_iterator, model):
-        output, loss_func = forward_step(state, data_iterator, model)
-        if model.training and state.train_state.step == index:
-            output = output * float("nan")
-        return output, loss_func
-
-    return step
-
-
 def _train(monkeypatch, *, fused: bool, log_interval: int, check_nan: bool = False):
     """Train 5 steps with a NaN loss at iteration 3; return device reads, final weights, schedule and skips."""
     monkeypatch.setattr(torch.optim, "AdamW", _adamw(fused))
@@ -126,7 +116,7 @@ def _train(monkeypatch, *, fused: bool, log_interval: int, check_nan: bool = Fal
         num_steps=ctx.scheduler.num_steps, skipped=ctx.state.train_state.skipped_train_samples,
         fused=bool(ctx.optimizer.defaults.get("fused")),
     ))
-    pretrain(cfg, _nan_at(2), callbacks=manager)
+    pretrain(cfg, nan_at_step(2), callbacks=manager)
     return reads, end
 
 
@@ -193,7 +183,7 @@ def _run_with_checkpoints(monkeypatch, save_dir, *, save_interval=None, request_
         num_steps=ctx.scheduler.num_steps, skipped=ctx.state.train_state.skipped_train_samples,
         lr=ctx.scheduler.get_lr(),
     ))
-    pretrain(cfg, _nan_at(2), callbacks=manager)
+    pretrain(cfg, nan_at_step(2), callbacks=manager)
     return end
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -109,12 +110,29 @@ def _should_validate(cfg: Any, step: int) -> bool:
     return bool(interval) and cfg.validation.eval_iters > 0 and step % interval == 0
 
 
+def _read_on_access(name: str, read: Callable[[StepOutcome], Any]) -> property:
+    """A context field taken from the step's outcome when first read, unless assigned."""
+
+    def get(self: _StepEndContext) -> Any:
+        if name in self.__dict__ or self._outcome is None:
+            return self.__dict__.get(name)
+        return read(self._outcome)
+
+    def set(self: _StepEndContext, value: Any) -> None:
+        self.__dict__[name] = value
+
+    return property(get, set)
+
+
 class _StepEndContext(CallbackContext):
     """on_train_step_end's context: `grad_norm` and `skipped_iter` wait for the device only when read.
 
     A callback that reads neither (a timer, a throughput meter) lets the GPU run ahead like no
     callback at all. Assigning either field stores the assigned value.
     """
+
+    grad_norm = _read_on_access("grad_norm", lambda outcome: outcome.grad_norm)
+    skipped_iter = _read_on_access("skipped_iter", lambda outcome: outcome.skipped)
 
     def __init__(self, outcome: StepOutcome | None = None, **fields: Any) -> None:
         super().__init__(**fields)
@@ -123,26 +141,6 @@ class _StepEndContext(CallbackContext):
             if self.__dict__.get(name) is None:
                 self.__dict__.pop(name, None)
         self._outcome = outcome
-
-    @property
-    def grad_norm(self) -> float | None:
-        if "grad_norm" in self.__dict__ or self._outcome is None:
-            return self.__dict__.get("grad_norm")
-        return self._outcome.grad_norm
-
-    @grad_norm.setter
-    def grad_norm(self, value: float | None) -> None:
-        self.__dict__["grad_norm"] = value
-
-    @property
-    def skipped_iter(self) -> bool | None:
-        if "skipped_iter" in self.__dict__ or self._outcome is None:
-            return self.__dict__.get("skipped_iter")
-        return self._outcome.skipped
-
-    @skipped_iter.setter
-    def skipped_iter(self, value: bool | None) -> None:
-        self.__dict__["skipped_iter"] = value
 
 
 def _context(run: SetupOutput, **fields: Any) -> CallbackContext:
