@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check of this project in one command, sized for one call of about 5 minutes on a lent
+# Every GPU check of this project in one command, sized for one call of about 6 minutes on a lent
 # H100/H200: the GPU tests, bench/gpu_throughput.py (the recipe's table, then Qwen2.5's own
 # 151,936-token vocabulary) and bench/vs_peers.py on the GPU.
 # Runs from a plain checkout with the machine's own torch (no install): PYTHONPATH points at src/.
@@ -29,7 +29,7 @@ timeout 85 $PY bench/gpu_throughput.py --compile on --mbs 2 8 --vocab-size 15193
 echo "exit code $?"
 
 echo "== vs peers"
-timeout 60 $PY bench/vs_peers.py --rounds 1 --steps 15 --warmup 5 > "$OUT/vs_peers.log" 2>&1
+timeout 150 $PY bench/vs_peers.py --rounds 3 --steps 15 --warmup 5 > "$OUT/vs_peers.log" 2>&1
 echo "exit code $?"
 
 tail -13 "$OUT/throughput.log"

@@ -14,6 +14,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from megatron.bridge.training.callbacks import Callback, CallbackContext
@@ -70,7 +71,8 @@ class ThroughputMonitor(Callback):
 
     Prints on rank 0, writes TensorBoard scalars when a writer exists, and keeps the latest values
     in `context.user_state["throughput"]`. MFU needs the device's peak: known for H100/H200/A100,
-    or pass `peak_tflops`.
+    or pass `peak_tflops`. On a GPU it waits for the device once per window, for the time, and
+    reads nothing in between.
     """
 
     def __init__(self, log_every: int = 10, *, peak_tflops: float | None = None) -> None:
@@ -86,14 +88,18 @@ class ThroughputMonitor(Callback):
             inner, num_layers=cfg.model.num_layers, seq_length=cfg.model.seq_length,
             attention_width=cfg.model.num_attention_heads * cfg.model.resolved_kv_channels,
         )
+        self._device = next(inner.parameters()).device
         if self.peak is None:
-            self.peak = peak_tflops(next(inner.parameters()).device)
+            self.peak = peak_tflops(self._device)
         self._window_start, self._steps = time.perf_counter(), 0
 
     def on_train_step_end(self, context: CallbackContext) -> None:
         self._steps += 1
         if self._steps % self.log_every:
             return
+        if self._device.type == "cuda":
+            # The host runs ahead of the GPU; wait for the window's work so the time is the GPU's.
+            torch.cuda.synchronize(self._device)
         cfg = context.state.cfg
         elapsed = time.perf_counter() - self._window_start
         world = dist.get_world_size() if dist.is_initialized() else 1
