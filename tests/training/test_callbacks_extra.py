@@ -570,7 +570,7 @@ def test_requests_are_combined_by_one_cpu_all_reduce_only_when_some_rank_has_cal
     monkeypatch.setattr(exit_conditions.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(exit_conditions.dist, "get_world_size", lambda: 2)
     monkeypatch.setattr(exit_conditions.dist, "get_rank", lambda: 0)
-    monkeypatch.setattr(exit_conditions.dist, "new_group", lambda backend=None: "gloo group")
+    monkeypatch.setattr(exit_conditions.dist, "new_group", lambda backend=None, **kwargs: "gloo group")
     monkeypatch.setattr(exit_conditions.dist, "all_reduce", fake_all_reduce)
     config = make_tiny_config().train
 
@@ -737,6 +737,21 @@ def test_stats_count_calls_and_time_per_callback(chdir):
     lambdas = [name for name in stats["on_train_step_end"] if "lambda" in name]
     assert len(lambdas) == 1 and stats["on_train_step_end"][lambdas[0]]["calls"] == 6
     assert manager.total_seconds >= slow["total_s"]
+
+
+def test_untimed_waits_are_left_out_of_a_callbacks_time():
+    from megatron.bridge.training.callbacks import untimed
+
+    def waits_then_works(context):
+        with untimed():
+            time.sleep(0.05)  # a wait for the device, say
+        time.sleep(0.01)
+
+    manager = CallbackManager()
+    manager.register("on_checkpoint_save", waits_then_works)
+    manager.fire("on_checkpoint_save", _ctx(0))
+    row = next(iter(manager.stats()["on_checkpoint_save"].values()))
+    assert 0.01 <= row["total_s"] < 0.04
 
 
 def test_log_line_shows_callback_share_and_warns_once_about_a_slow_callback(chdir, capsys):

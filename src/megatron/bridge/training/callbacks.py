@@ -33,8 +33,9 @@ This module imports nothing beyond the standard library, so importing it is chea
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +62,25 @@ VALID_EVENTS: frozenset[str] = frozenset(
 )
 
 CallbackFn = Callable[["CallbackContext"], Any]
+
+_untimed_seconds = 0.0  # waits left out of callback time, summed over the run (the loop has one thread)
+
+
+@contextlib.contextmanager
+def untimed() -> Iterator[None]:
+    """Leave the enclosed code's time out of the running callback's measured time (`stats()`).
+
+    The framework wraps its waits for the GPU in it (reading `grad_norm` or `skipped_iter`,
+    `ThroughputMonitor`'s once-per-window synchronisation), so callback time is the callback's own
+    work, not GPU time it waited out. Use it the same way around a deliberate wait of your own,
+    e.g. `with untimed(): loss = context.loss_dict["lm loss"].item()`.
+    """
+    global _untimed_seconds
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        _untimed_seconds += time.perf_counter() - started
 
 
 @dataclass
@@ -243,11 +263,11 @@ class CallbackManager:
         for entry in entries:
             if entry.every is not None and not self._due(entry, event_name, context):
                 continue
-            started = clock()
+            started, untimed_before = clock(), _untimed_seconds
             try:
                 entry.fn(context)
             finally:
-                elapsed = clock() - started
+                elapsed = clock() - started - (_untimed_seconds - untimed_before)
                 entry.calls += 1
                 entry.seconds += elapsed
                 self._seconds += elapsed

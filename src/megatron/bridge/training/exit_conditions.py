@@ -14,6 +14,7 @@ could differ between ranks.
 
 from __future__ import annotations
 
+import datetime
 import signal
 import threading
 import time
@@ -54,24 +55,28 @@ class ExitConditions:
     A context manager that owns the signal handlers while training runs.
     """
 
-    def __init__(self, config: TrainingConfig, *, start_time: float, requests_possible: bool) -> None:
+    def __init__(self, config: TrainingConfig, *, start_time: float, requests_possible: bool,
+                 timeout: datetime.timedelta | None = None) -> None:
         self.config = config
         self.start_time = start_time
         self.requests_possible = requests_possible
         """False when no callback is registered: nobody can make a request, so there is nothing to combine."""
+        self.timeout = timeout
+        """How long the per-step combination may wait for the other ranks (None: gloo's default)."""
         self._signal_received: int | None = None
         self._previous_handlers: dict[int, object] = {}
         self._group: dist.ProcessGroup | None = None
 
     def __enter__(self) -> ExitConditions:
         # Python only lets the main thread install handlers; elsewhere signals keep their default.
-        if self.config.exit_signal_handler and threading.current_thread() is threading.main_thread():
+        handle_signals = self.config.exit_signal_handler and threading.current_thread() is threading.main_thread()
+        self._group = self._combining_group(handle_signals)
+        if handle_signals:
             for sig in _SIGNALS:
                 self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
-        self._group = self._combining_group()
         return self
 
-    def _combining_group(self) -> dist.ProcessGroup | None:
+    def _combining_group(self, handle_signals: bool) -> dist.ProcessGroup | None:
         """A CPU (gloo) group for the per-step flags when any rank could raise one, else None.
 
         The flags are host values: combining them on the CPU never waits for the GPU. Ranks may
@@ -80,8 +85,8 @@ class ExitConditions:
         """
         if not (dist.is_initialized() and dist.get_world_size() > 1):
             return None
-        local = self.requests_possible or self.config.exit_duration_in_mins is not None or self._previous_handlers
-        group = dist.new_group(backend="gloo")
+        local = self.requests_possible or self.config.exit_duration_in_mins is not None or handle_signals
+        group = dist.new_group(backend="gloo", **({"timeout": self.timeout} if self.timeout else {}))
         needed = torch.tensor([float(bool(local))])
         dist.all_reduce(needed, op=dist.ReduceOp.MAX, group=group)
         return group if needed.item() else None

@@ -23,6 +23,7 @@ import math
 
 import torch
 
+from megatron.bridge.training.callbacks import untimed
 from megatron.bridge.training.optim import OptimizerParamScheduler
 from megatron.bridge.training.state import TrainState
 
@@ -58,8 +59,12 @@ class StepOutcome:
 
 
 def read_from_device(tensors: list[torch.Tensor]) -> list[float]:
-    """0-dim tensors as Python floats, with one device-to-host copy (one wait for the device)."""
-    return torch.stack([tensor.double() for tensor in tensors]).tolist()
+    """0-dim tensors as Python floats, with one device-to-host copy (one wait for the device).
+
+    The wait is not counted as callback time when a callback's read causes it.
+    """
+    with untimed():
+        return torch.stack([tensor.double() for tensor in tensors]).tolist()
 
 
 class _PendingSteps:

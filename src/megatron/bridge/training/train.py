@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import gc
 from collections.abc import Callable
 from typing import Any
@@ -32,7 +33,8 @@ def train(run: SetupOutput) -> bool:
         callbacks.fire("on_train_start", _context(run))
     decision = StepDecision()
     exit_conditions = ExitConditions(cfg.train, start_time=state.start_time,
-                                     requests_possible=callbacks is not None and callbacks.has_any)
+                                     requests_possible=callbacks is not None and callbacks.has_any,
+                                     timeout=datetime.timedelta(minutes=cfg.dist.distributed_timeout_minutes))
     with exit_conditions, _manual_gc(cfg.train.manual_gc, cfg.train.manual_gc_interval) as collect_garbage:
         while train_state.step < cfg.train.train_iters:
             if should_fire(callbacks, "on_train_step_start"):
