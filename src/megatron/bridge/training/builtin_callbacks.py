@@ -47,7 +47,8 @@ class EarlyStopping(Callback):
     def on_eval_end(self, context: CallbackContext) -> None:
         if self.monitor not in context.total_loss_dict:
             raise ValueError(f"EarlyStopping monitors {self.monitor!r}, not among {sorted(context.total_loss_dict)}")
-        value = float(context.total_loss_dict[self.monitor])
+        with untimed():  # waits for the GPU: not this callback's own time
+            value = float(context.total_loss_dict[self.monitor])
         improved = value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta
         if improved:
             self.best, self.bad_passes = value, 0
@@ -139,7 +140,8 @@ class LossSpikeGuard(Callback):
         self.strikes = 0
 
     def on_train_step_end(self, context: CallbackContext) -> None:
-        loss = float(context.loss_dict["lm loss"])
+        with untimed():  # waits for the GPU: not this callback's own time
+            loss = float(context.loss_dict["lm loss"])
         step = context.state.train_state.step + 1
         if not math.isfinite(loss):
             context.state.request_stop(f"loss is {loss} at iteration {step}")
@@ -207,7 +209,8 @@ class JSONLMetricsWriter(Callback):
         record = {"event": "train", "iteration": context.state.train_state.step + 1, "time": time.time(),
                   "lr": context.scheduler.get_lr() if context.scheduler is not None else None,
                   "grad_norm": context.grad_norm, "skipped": context.skipped_iter}
-        record.update({name: float(value) for name, value in context.loss_dict.items()})
+        with untimed():  # waits for the GPU: not this callback's own time
+            record.update({name: float(value) for name, value in context.loss_dict.items()})
         self._write(record)
 
     def on_eval_end(self, context: CallbackContext) -> None:
@@ -220,5 +223,6 @@ class JSONLMetricsWriter(Callback):
 
     def _write_pass(self, event: str, context: CallbackContext) -> None:
         record = {"event": event, "iteration": context.state.train_state.step, "time": time.time()}
-        record.update({name: float(value) for name, value in context.total_loss_dict.items()})
+        with untimed():  # waits for the GPU: not this callback's own time
+            record.update({name: float(value) for name, value in context.total_loss_dict.items()})
         self._write(record)
