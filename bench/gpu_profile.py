@@ -76,19 +76,13 @@ def step(mbs: int, compile_blocks: bool) -> None:
     """Profile one training step after warm-up and print GPU time by kernel family and the top kernels."""
     from torch.profiler import ProfilerActivity, profile
 
-    from megatron.bridge.recipes.qwen import qwen25_500m_pretrain_config
+    from gpu_throughput import short_recipe
     from megatron.bridge.training.callbacks import CallbackManager
     from megatron.bridge.training.gpt_step import forward_step
     from megatron.bridge.training.pretrain import pretrain
 
-    cfg = qwen25_500m_pretrain_config(dir="/tmp/gpu_profile")
     warmup = 3
-    cfg.train.train_iters, cfg.train.micro_batch_size, cfg.train.global_batch_size = warmup + 2, mbs, 8
-    cfg.train.compile = compile_blocks
-    cfg.scheduler.lr_warmup_iters = 1
-    cfg.validation.eval_iters, cfg.validation.eval_interval = 0, None
-    cfg.checkpoint.save = cfg.checkpoint.load = None
-    cfg.logger.tensorboard_dir = None
+    cfg = short_recipe(train_iters=warmup + 2, mbs=mbs, global_batch=8, compile_blocks=compile_blocks)
     cfg.logger.log_interval = 1000
     prof = profile(activities=[ProfilerActivity.CUDA])
     marks = {}

@@ -27,17 +27,12 @@ import torch
 FALLBACK_PEAK_TFLOPS = 989.0  # H100 SXM / H200, for a device metrics.peak_tflops does not know
 
 
-def measure(*, mbs: int, compile_blocks: bool, global_batch: int, warmup: int, steps: int,
-            vocab_size: int | None) -> dict:
-    """Train one configuration in this process and return its numbers."""
+def short_recipe(*, train_iters: int, mbs: int, global_batch: int, compile_blocks: bool):
+    """`qwen25_500m_pretrain_config()` as shipped, cut to `train_iters` steps, with no eval, checkpoints or logs."""
     from megatron.bridge.recipes.qwen import qwen25_500m_pretrain_config
-    from megatron.bridge.training.callbacks import CallbackManager
-    from megatron.bridge.training.gpt_step import forward_step
-    from megatron.bridge.training.metrics import model_flops_per_token, peak_tflops
-    from megatron.bridge.training.pretrain import pretrain
 
-    cfg = qwen25_500m_pretrain_config(dir="/tmp/gpu_throughput")
-    cfg.train.train_iters = warmup + steps
+    cfg = qwen25_500m_pretrain_config(dir="/tmp/gpu_bench")
+    cfg.train.train_iters = train_iters
     cfg.train.micro_batch_size = mbs
     cfg.train.global_batch_size = global_batch
     cfg.train.compile = compile_blocks
@@ -46,6 +41,18 @@ def measure(*, mbs: int, compile_blocks: bool, global_batch: int, warmup: int, s
     cfg.validation.eval_interval = None
     cfg.checkpoint.save = cfg.checkpoint.load = None
     cfg.logger.tensorboard_dir = None
+    return cfg
+
+
+def measure(*, mbs: int, compile_blocks: bool, global_batch: int, warmup: int, steps: int,
+            vocab_size: int | None) -> dict:
+    """Train one configuration in this process and return its numbers."""
+    from megatron.bridge.training.callbacks import CallbackManager
+    from megatron.bridge.training.gpt_step import forward_step
+    from megatron.bridge.training.metrics import model_flops_per_token, peak_tflops
+    from megatron.bridge.training.pretrain import pretrain
+
+    cfg = short_recipe(train_iters=warmup + steps, mbs=mbs, global_batch=global_batch, compile_blocks=compile_blocks)
     cfg.logger.log_interval = warmup + steps  # one log line, at the end: the loop reads nothing before
     if vocab_size:
         cfg.tokenizer.vocab_size = vocab_size

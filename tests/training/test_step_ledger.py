@@ -85,13 +85,22 @@ def test_no_norm_means_nothing_to_read_and_nothing_skipped():
 
 def _adamw(fused: bool) -> type[torch.optim.AdamW]:
     """AdamW forced fused (as setup_optimizer makes it on GPUs; CPUs have the kernel too) or unfused."""
+    forced = fused
 
     class ForcedAdamW(torch.optim.AdamW):
         def __init__(self, *args, fused=None, **kwargs):
             super().__init__(*args, fused=forced, **kwargs)
 
-    forced = fused
     return ForcedAdamW
+
+
+def _record_end_state(end: dict):
+    """An on_train_end callback that stores the final weights, schedule, skips, lr and fusion in `end`."""
+    return lambda ctx: end.update(
+        weights=torch.cat([p.detach().reshape(-1).clone() for p in ctx.model[0].parameters()]),
+        num_steps=ctx.scheduler.num_steps, skipped=ctx.state.train_state.skipped_train_samples,
+        lr=ctx.scheduler.get_lr(), fused=bool(ctx.optimizer.defaults.get("fused")),
+    )
 
 
 def _train(monkeypatch, *, fused: bool, log_interval: int, check_nan: bool = False):
@@ -111,11 +120,7 @@ def _train(monkeypatch, *, fused: bool, log_interval: int, check_nan: bool = Fal
     manager = CallbackManager()
     # A callback that asks for no value must not cause reads.
     manager.register("on_train_step_start", lambda ctx: end["reads_at_step_start"].append(len(reads)))
-    manager.register("on_train_end", lambda ctx: end.update(
-        weights=torch.cat([p.detach().reshape(-1).clone() for p in ctx.model[0].parameters()]),
-        num_steps=ctx.scheduler.num_steps, skipped=ctx.state.train_state.skipped_train_samples,
-        fused=bool(ctx.optimizer.defaults.get("fused")),
-    ))
+    manager.register("on_train_end", _record_end_state(end))
     pretrain(cfg, nan_at_step(2), callbacks=manager)
     return reads, end
 
@@ -178,11 +183,7 @@ def _run_with_checkpoints(monkeypatch, save_dir, *, save_interval=None, request_
             ctx.state.request_checkpoint("test")
 
     manager.register("on_train_step_start", maybe_request)
-    manager.register("on_train_end", lambda ctx: end.update(
-        weights=torch.cat([p.detach().reshape(-1).clone() for p in ctx.model[0].parameters()]),
-        num_steps=ctx.scheduler.num_steps, skipped=ctx.state.train_state.skipped_train_samples,
-        lr=ctx.scheduler.get_lr(),
-    ))
+    manager.register("on_train_end", _record_end_state(end))
     pretrain(cfg, nan_at_step(2), callbacks=manager)
     return end
 

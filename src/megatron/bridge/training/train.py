@@ -41,9 +41,8 @@ def train(run: SetupOutput) -> bool:
                 callbacks.fire("on_train_step_start", _context(run))
             result = train_step(run)
             if should_fire(callbacks, "on_train_step_end"):
-                callbacks.fire("on_train_step_end", _StepEndContext(
-                    result.outcome, state=run.state, model=run.model, user_state=callbacks.user_state,
-                    optimizer=run.optimizer, scheduler=run.scheduler, loss_dict=result.loss_dict,
+                callbacks.fire("on_train_step_end", _context(
+                    run, context_type=_StepEndContext, outcome=result.outcome, loss_dict=result.loss_dict,
                 ))
             train_state.step += 1
             train_state.consumed_train_samples += cfg.train.global_batch_size
@@ -145,11 +144,12 @@ class _StepEndContext(CallbackContext):
         self._outcome = outcome
 
 
-def _context(run: SetupOutput, **fields: Any) -> CallbackContext:
+def _context(run: SetupOutput, *, context_type: type[CallbackContext] = CallbackContext,
+             **fields: Any) -> CallbackContext:
     callbacks = run.callbacks
     assert callbacks is not None
-    return CallbackContext(state=run.state, model=run.model, user_state=callbacks.user_state,
-                           optimizer=run.optimizer, scheduler=run.scheduler, **fields)
+    return context_type(state=run.state, model=run.model, user_state=callbacks.user_state,
+                        optimizer=run.optimizer, scheduler=run.scheduler, **fields)
 
 
 class _manual_gc:  # noqa: N801 - used like a function in a `with` statement
