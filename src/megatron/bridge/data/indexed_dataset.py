@@ -30,6 +30,8 @@ from types import TracebackType
 
 import numpy as np
 
+from megatron.bridge.utils.errors import UserError
+
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
 HEADER_SIZE = len(INDEX_MAGIC) + 8 + 1 + 8 + 8
@@ -43,7 +45,7 @@ UINT16_VOCAB_LIMIT = 65500
 SCAN_CHUNK_TOKENS = 1 << 24
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """A data file is missing, corrupt, inconsistent or too small for the request."""
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from megatron.bridge.models.decoder import GPTModel
-from megatron.bridge.training.config import config_error
+from megatron.bridge.utils.errors import config_error
 
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 POSITION_EMBEDDING_TYPES = ("rope",)

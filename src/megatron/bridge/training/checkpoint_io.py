@@ -36,6 +36,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
+from megatron.bridge.utils.errors import UserError
+
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 COMMON_FILE = "common.json"
 CONFIG_FILE = "run_config.yaml"
@@ -43,7 +45,7 @@ _ITER_DIR = re.compile(r"^iter_(\d{7,})$")
 _TMP_PREFIX, _TRASH_PREFIX = ".tmp_", ".trash_"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be loaded: missing, corrupt, tampered with or incompatible."""
 
 

@@ -17,6 +17,8 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from megatron.bridge.utils.errors import ConfigError, config_error  # noqa: F401 - re-exported
+
 if TYPE_CHECKING:
     from megatron.bridge.models.gpt_provider import GPTModelProvider
 
@@ -29,11 +31,6 @@ TOKENIZER_TYPES = ("NullTokenizer", "HuggingFaceTokenizer")
 CKPT_FORMATS = ("torch_dist",)
 DATALOADER_TYPES = ("single", "cyclic")
 DIST_BACKENDS = ("nccl", "gloo")
-
-
-def config_error(field_name: str, value: Any, allowed: str) -> ValueError:
-    """The error every config check raises: `<field>=<value> is invalid: <allowed>`."""
-    return ValueError(f"{field_name}={value!r} is invalid: {allowed}")
 
 
 def _check_positive(field_name: str, value: Any, *, optional: bool = True) -> None:
