@@ -226,9 +226,10 @@ class AutoBridge:
         config = self.hf_config
         if dtype is not None:
             config[dtype_key(config)] = str(dtype).removeprefix("torch.")
+        files = auxiliary_files(self.folder)
         with staged_output(path, overwrite) as staging:
             write_json_file(staging / CONFIG_FILE, config)
-            copy_files(auxiliary_files(self.folder), staging)
+            copy_files(files, staging)
             write_safetensors_shards(staging, [(item.hf_name, item.spec) for item in plan], tensors,
                                      parse_size(max_shard_size))
         return Path(path)
