@@ -114,6 +114,7 @@ HOSTILE_CONFIG = [
     ({"rope_theta": float("nan")}, r"rope_theta=nan is invalid: a positive number"),
     ({"rope_theta": float("inf")}, r"rope_theta=inf is invalid"),
     ({"rope_theta": -1}, r"rope_theta=-1 is invalid"),
+    ({"rope_theta": 10**400}, r"rope_theta=10+\.\.\. \(401 characters\) is invalid: a positive number"),
     ({"rope_scaling": [1, 2]}, r"rope_scaling=\[1, 2\] is invalid: an object \(or null\)"),
     ({"rope_scaling": {"rope_type": 5}}, r"rope_scaling\.rope_type=5 is invalid: a string"),
     ({"rope_scaling": {**LLAMA3, "factor": "x"}}, r"rope_scaling\.factor='x' is invalid: a positive number"),

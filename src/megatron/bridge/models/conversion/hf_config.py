@@ -134,7 +134,11 @@ class _Keys:
         value = self.values.get(key)
         if value is None:
             return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        try:
+            valid = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < float(value) < math.inf
+        except OverflowError:  # an integer beyond the float range
+            valid = False
+        if not valid:
             raise self.invalid(key, value, "a positive number")
         return value
 

@@ -49,11 +49,13 @@ def resolve(folder: Path, name: object, *, what: str) -> Path:
     `what` says where `name` came from. In the hub cache (`<repo>/snapshots/<hash>/`) symlinks may lead
     anywhere inside the repository folder, which holds the `blobs/` they point to.
     """
-    repository = folder.resolve().parent.parent
-    if folder.resolve().parent.name != "snapshots" or not (repository / "blobs").is_dir():
+    snapshot = folder.resolve()
+    repository = snapshot.parent.parent
+    if snapshot.parent.name != "snapshots" or not (repository / "blobs").is_dir():
         return resolve_inside(folder, name, what=what)
-    snapshot = folder.resolve().relative_to(repository)
-    resolve_inside(repository, str(snapshot / name) if isinstance(name, str) else name, what=what)
+    # `snapshots/<hash>/<name>`: the name itself is checked as usual, its symlinks against the repository.
+    relative = str(snapshot.relative_to(repository) / name) if isinstance(name, str) and name else name
+    resolve_inside(repository, relative, what=what)
     return folder / name
 
 
