@@ -142,7 +142,8 @@ def sliding_window_block_mask(seq_length: int, window_left: int, device: torch.d
     Building it evaluates the mask once per element, so it is made once and reused by every layer and
     step. Only blocks that touch the band are computed by the kernel.
     """
-    _ensure_compiled_flex_attention()
+    if device.type == "cuda":
+        _ensure_compiled_flex_attention()
 
     def within_window(batch: torch.Tensor, head: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         return (k <= q) & (q - k <= window_left)
@@ -168,7 +169,7 @@ def _ensure_compiled_flex_attention() -> None:
 def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, scale: float | None):
     # Off CUDA only forward-mode tests get here (FlexAttention has no CPU backward); eager is enough.
     kernel = _compiled_flex_attention if q.is_cuda else flex_attention
-    assert kernel is not None, "block masks come from sliding_window_block_mask, which compiles the kernel"
+    assert kernel is not None, "CUDA block masks come from sliding_window_block_mask, which compiles the kernel"
     return kernel(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
