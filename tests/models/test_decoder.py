@@ -506,28 +506,45 @@ def test_windowed_model_trains_on_the_cpu():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_windowed_layers_use_flex_attention_and_match_the_dense_band():
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+GPU_SEQ = 300  # two full 128-blocks and a partial one
+
+
+def _gpu_windowed_model() -> GPTModel:
+    return build(seq_length=GPU_SEQ, window_size=(63, 0), window_attn_skip_freq=2).train()
+
+
+@needs_gpu
+def test_gpu_flex_attention_trains_like_the_cpu_band():
     from torch.nn.attention.flex_attention import BlockMask
 
-    torch.manual_seed(0)
-    seq = 300
-    model = tiny(seq_length=seq, window_size=(63, 0), window_attn_skip_freq=2).provide().cuda()
-    ids = torch.randint(0, VOCAB, (BATCH, seq), device="cuda")
-    masks = AttentionMask(seq_length=seq, device=ids.device, block_sparse=True)
-    kinds = [type(mask) for _, mask in model._layer_inputs(torch.arange(seq, device="cuda").expand(BATCH, seq), masks)]
-    assert kinds == [BlockMask, type(None)]
-    flex_loss = model(ids, labels=ids).mean()
-    flex_loss.backward()
-    flex_grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    # The same model with the dense band SDPA uses on the CPU, as the reference.
-    band = causal_band(seq, 63, ids.device)
-    dense = model._layer_inputs
-    model._layer_inputs = lambda positions, m: [(rope, band if isinstance(mask, BlockMask) else mask)
-                                                for rope, mask in dense(positions, m)]
-    dense_loss = model(ids, labels=ids).mean()
-    dense_loss.backward()
-    torch.testing.assert_close(flex_loss, dense_loss, atol=1e-5, rtol=1e-5)
-    for flex_grad, param in zip(flex_grads, model.parameters(), strict=True):
-        torch.testing.assert_close(flex_grad, param.grad, atol=1e-4, rtol=1e-3)
+    cpu_model = _gpu_windowed_model()
+    gpu_model = _gpu_windowed_model().cuda()
+    ids = torch.randint(0, VOCAB, (BATCH, GPU_SEQ), generator=torch.Generator().manual_seed(3))
+    positions = torch.arange(GPU_SEQ, device="cuda").expand(BATCH, GPU_SEQ)
+    masks = AttentionMask(seq_length=GPU_SEQ, device=positions.device, block_sparse=True)
+    assert [type(mask) for _, mask in gpu_model._layer_inputs(positions, masks)] == [BlockMask, type(None)]
+    losses = []
+    for model, device in ((cpu_model, "cpu"), (gpu_model, "cuda")):
+        loss = model(ids.to(device), labels=ids.to(device)).mean()
+        loss.backward()
+        losses.append(loss.detach().cpu())
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+    for (name, cpu_param), gpu_param in zip(cpu_model.named_parameters(), gpu_model.parameters(), strict=True):
+        torch.testing.assert_close(gpu_param.grad.cpu(), cpu_param.grad, atol=1e-5, rtol=1e-3, msg=name)
+
+
+@needs_gpu
+def test_gpu_compiled_windowed_blocks_under_bf16_autocast():
+    eager, compiled = _gpu_windowed_model().cuda(), _gpu_windowed_model().cuda()
+    for block in compiled.layers:  # as the trainer does with train.compile
+        block.compile()
+    ids = torch.randint(0, VOCAB, (BATCH, GPU_SEQ), device="cuda")
+    losses = []
+    for model in (eager, compiled):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(ids, labels=ids).mean()
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], atol=0, rtol=1e-2)
+    assert all(torch.isfinite(p.grad).all() for p in compiled.parameters())
