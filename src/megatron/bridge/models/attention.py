@@ -21,7 +21,7 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -139,37 +139,45 @@ def causal_band(seq_length: int, window_left: int, device: torch.device) -> torc
 def sliding_window_block_mask(seq_length: int, window_left: int, device: torch.device) -> BlockMask:
     """FlexAttention's block-sparse form of `causal_band`, cached per (seq, window, device).
 
-    Building it evaluates the mask once per element, so it is made once and reused by every layer and
-    step. Only blocks that touch the band are computed by the kernel.
+    Made once and reused by every layer and step; the kernel computes only the blocks that touch the
+    band. On CUDA the builder is compiled too: eager, it would materialise the `[seq, seq]` mask (and
+    int64 index grids of that size) on the way.
     """
-    if device.type == "cuda":
-        _ensure_compiled_flex_attention()
 
     def within_window(batch: torch.Tensor, head: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         return (k <= q) & (q - k <= window_left)
 
-    return create_block_mask(within_window, None, None, seq_length, seq_length, device=device)
+    build = _compiled_flex().create_block_mask if device.type == "cuda" else create_block_mask
+    return build(within_window, None, None, seq_length, seq_length, device=device)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Kernels
 
-_compiled_flex_attention: Callable[..., torch.Tensor] | None = None
-"""`torch.compile(flex_attention)`: eager FlexAttention on a GPU materialises the full scores. Made by the
-first block mask (eager code) rather than at import, since creating it loads the compiler (seconds); a
-compiled block that calls it traces through it."""
+class _CompiledFlex(NamedTuple):
+    flex_attention: Callable[..., torch.Tensor]
+    create_block_mask: Callable[..., BlockMask]
 
 
-def _ensure_compiled_flex_attention() -> None:
-    global _compiled_flex_attention
-    if _compiled_flex_attention is None:
-        _compiled_flex_attention = torch.compile(flex_attention)
+_compiled: _CompiledFlex | None = None
+"""`torch.compile` of both FlexAttention functions (eager, on a GPU they materialise the full scores or
+mask). Made by the first CUDA block mask, in eager code, rather than at import: creating them loads the
+compiler (seconds). A compiled block that calls the kernel traces through it."""
+
+
+def _compiled_flex() -> _CompiledFlex:
+    global _compiled
+    if _compiled is None:
+        _compiled = _CompiledFlex(torch.compile(flex_attention), torch.compile(create_block_mask))
+    return _compiled
 
 
 def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, scale: float | None):
-    # Off CUDA only forward-mode tests get here (FlexAttention has no CPU backward); eager is enough.
-    kernel = _compiled_flex_attention if q.is_cuda else flex_attention
-    assert kernel is not None, "CUDA block masks come from sliding_window_block_mask, which compiles the kernel"
+    if q.is_cuda:
+        assert _compiled is not None, "CUDA block masks come from sliding_window_block_mask, which compiles"
+        kernel = _compiled.flex_attention
+    else:
+        kernel = flex_attention  # only forward-mode tests get here (FlexAttention has no CPU backward)
     return kernel(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
