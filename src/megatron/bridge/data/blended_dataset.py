@@ -29,12 +29,13 @@ _GROUP_SAMPLES = 1 << 24  # samples recorded at a time before they are moved int
 
 
 def build_blend_indices(
-    weights: list[float], num_samples: int, *, block: int = _BLOCK
+    weights: list[float], num_samples: int, *, block: int = _BLOCK, warmup: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """For each blended sample: which dataset serves it (int16), and which of that dataset's samples (int64).
 
-    `weights` are used as given (normalise them first, as Megatron does). `block` only trades the
-    number of side-by-side blocks against their length; the result does not depend on it.
+    `weights` are used as given (normalise them first, as Megatron does). `block` (samples per block)
+    and `warmup` (steps each block starts early; by default enough for the rarest dataset) only
+    change the speed: the result never depends on them.
     """
     w = np.asarray(weights, dtype=np.float64)
     if w.ndim != 1 or w.size == 0 or not np.all(np.isfinite(w)) or np.any(w < 0):
@@ -44,7 +45,8 @@ def build_blend_indices(
         return np.zeros(num_samples, dtype=np.int16), np.arange(num_samples, dtype=np.int64)
     positive = w[w > 0]
     # A block must be long enough for a rare dataset's count to settle after a predicted start.
-    warmup = _MIN_WARMUP if positive.size == 0 else max(_MIN_WARMUP, math.ceil(4 / positive.min()))
+    if warmup is None:
+        warmup = _MIN_WARMUP if positive.size == 0 else max(_MIN_WARMUP, math.ceil(4 / positive.min()))
     length = min(max(block, warmup), num_samples)
     starts = np.arange(0, num_samples, length, dtype=np.int64)
     # Block b's picks fill row b; the padding after the last sample is cut off at the end.
