@@ -234,7 +234,7 @@ class GPTDataset(Dataset):
         return {
             "doc_idx": ArraySpec("int32", (doc_entries,), ((start, stop - 1),)),
             "sample_idx": ArraySpec(sample_index_dtype(doc_entries, longest).name, (samples + 1, 2),
-                                    ((0, doc_entries - 1), (0, max(longest - 1, 0))), ascending_column=0),
+                                    ((0, doc_entries - 1), (0, max(longest - 1, 0))), increasing_rows=True),
             "shuffle_idx": ArraySpec(shuffle_index_dtype(samples).name, (samples,), ((0, samples - 1),)),
         }
 

@@ -49,13 +49,14 @@ class ArraySpec:
     """What a sound cached array looks like.
 
     `bounds` holds one inclusive `(low, high)` pair per column of the last axis (one pair for a 1-D
-    array); `ascending_column`, if set, is a column whose values never decrease from row to row.
+    array); with `increasing_rows`, every row is greater than the one before (compared column by
+    column, as tuples).
     """
 
     dtype: str
     shape: tuple[int, ...]
     bounds: tuple[tuple[int, int], ...]
-    ascending_column: int | None = None
+    increasing_rows: bool = False
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,7 @@ def _load_sound(
             return None, (path, problem)
         arrays[name] = array
     if check is not None and (problem := check(arrays)) is not None:
-        return None, (next(iter(paths.values())), problem)
+        return None, (" and ".join(paths.values()), problem)
     return arrays, None
 
 
@@ -177,12 +178,23 @@ def check_array(array: np.ndarray, spec: ArraySpec) -> str | None:
             if smallest < low or largest > high:
                 bad = smallest if smallest < low else largest
                 return f"value {bad} in column {column} is outside [{low}, {high}]"
-        if spec.ascending_column is not None and chunk.shape[0]:
-            values = chunk[:, spec.ascending_column]
-            if (previous is not None and values[0] < previous) or np.any(values[1:] < values[:-1]):
-                return f"column {spec.ascending_column} decreases somewhere in rows {start}.."
-            previous = values[-1]
+        if spec.increasing_rows:
+            with_previous = chunk if previous is None else np.concatenate([previous, chunk])
+            if not np.all(_rows_increase(with_previous)):
+                return f"rows do not increase somewhere after row {max(start - 1, 0)}"
+            previous = chunk[-1:]
     return None
+
+
+def _rows_increase(rows: np.ndarray) -> np.ndarray:
+    """For each row after the first: is it greater than the row before, compared as tuples?"""
+    before, after = rows[:-1], rows[1:]
+    greater = np.zeros(len(after), dtype=bool)
+    equal_so_far = np.ones(len(after), dtype=bool)
+    for column in range(rows.shape[1]):
+        greater |= equal_so_far & (after[:, column] > before[:, column])
+        equal_so_far &= after[:, column] == before[:, column]
+    return greater
 
 
 def _save(cache_dir: str, description: dict[str, Any], paths: dict[str, str], arrays: Arrays) -> None:
