@@ -11,7 +11,7 @@ a little early from the counts the weights predict, and such a start soon falls 
 sequence (the counts agree from some sample on, and then the rest of the block is exact). Each
 block's counts where it begins are compared with the counts where the block before it ends; a
 block that disagrees is computed again from those, until all agree. The result is therefore
-exactly the sequential one, and it costs a few seconds per hundred million samples.
+exactly the sequential one; it costs about 0.1 s (2 datasets) to 0.4 s (8) per million samples.
 """
 
 from __future__ import annotations
