@@ -12,6 +12,7 @@ import os
 import queue
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -481,6 +482,54 @@ def test_sigterm_during_the_final_validation_exits_with_status_0(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "RETURNED" in done.stdout
+    assert checkpoint_io.list_iterations(tmp_path / "ckpt") == [2]
+
+
+SIGNAL_ON_ONE_RANK_SCRIPT = f"""
+import os, signal, sys
+import torch
+import torch.distributed as dist
+torch.set_num_threads(1)
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+from helpers import make_tiny_config
+from megatron.bridge.training.callbacks import Callback
+from megatron.bridge.training.gpt_step import forward_step
+from megatron.bridge.training.pretrain import pretrain
+
+
+class SignalRankOneInValidation(Callback):
+    def __init__(self):
+        self.tested = False
+
+    def on_eval_start(self, context):
+        if dist.get_rank() == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_test_start(self, context):
+        self.tested = True
+
+
+callback = SignalRankOneInValidation()
+cfg = make_tiny_config(train__train_iters=2, train__exit_signal_handler=True, checkpoint__save="ckpt")
+pretrain(cfg, forward_step, [callback])
+print(f"RETURNED rank={{os.environ['RANK']}} tested={{callback.tested}}", flush=True)
+"""
+
+
+def test_sigterm_on_one_rank_during_validation_skips_the_test_pass_on_every_rank(tmp_path):
+    script = tmp_path / "signal_on_one_rank.py"
+    script.write_text(SIGNAL_ON_ONE_RANK_SCRIPT)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                           "127.0.0.1", "--master-port", str(port), str(script)], cwd=tmp_path,
+                          env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "RETURNED rank=0 tested=False" in done.stdout and "RETURNED rank=1 tested=False" in done.stdout
+    assert "another rank received a signal: skipping the post-training test pass" in done.stdout
     assert checkpoint_io.list_iterations(tmp_path / "ckpt") == [2]
 
 
