@@ -58,13 +58,15 @@ class MixedPrecision:
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
 
-    def overflowed(self, *, loss_is_finite: bool) -> bool:
+    def overflowed(self, losses: dict[str, torch.Tensor]) -> bool:
         """Whether a step with non-finite gradients is a loss-scale overflow rather than a NaN.
 
-        True only under loss scaling, for a finite loss and a scale above `min_loss_scale`. Call it
-        before `step()`, which backs the scale off.
+        True only under loss scaling, when every one of the step's `losses` is finite and the scale
+        is above `min_loss_scale`. Call it before `step()`, which backs the scale off.
         """
-        return self.scaler is not None and loss_is_finite and self.loss_scale > self.min_loss_scale
+        if self.scaler is None or self.loss_scale <= self.min_loss_scale:
+            return False
+        return all(bool(torch.isfinite(loss).all()) for loss in losses.values())
 
     def step(self, optimizer: torch.optim.Optimizer, *, skip: bool | torch.Tensor | None) -> None:
         """Apply the update unless `skip`; under fp16 also adapt the loss scale.

@@ -98,9 +98,8 @@ def train_step(run: SetupOutput) -> StepResult:
         # A fused optimizer skips a non-finite update on the device: the host does not wait for the norm.
         run.precision.step(optimizer, skip=outcome.found_inf)
     else:
-        if outcome.skipped:
-            finite = all(bool(torch.isfinite(loss).all()) for loss in loss_dict.values())
-            outcome.overflow = run.precision.overflowed(loss_is_finite=finite)
+        # Decided before step(), which backs the loss scale off.
+        outcome.overflow = outcome.skipped and run.precision.overflowed(loss_dict)
         run.precision.step(optimizer, skip=outcome.skipped)
     run.ledger.record(outcome)
     return StepResult(loss_dict=loss_dict, outcome=outcome,
