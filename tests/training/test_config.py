@@ -304,6 +304,8 @@ ABSURD_CONFIGS = [
     ("vocab_size_1", _set("tokenizer.vocab_size", 1), "tokenizer.vocab_size", ["=1", ">= 2", "end-of-document"]),
     ("lr_a_string", _set("optimizer.lr", "1e-3"), "optimizer.lr", ["'1e-3'", "number"]),
     ("beta_a_bool", _set("optimizer.adam_beta1", True), "optimizer.adam_beta1", ["True", "[0, 1)"]),
+    ("warmup_iters_a_bool", _set("scheduler.lr_warmup_iters", True), "scheduler.lr_warmup_iters", ["True"]),
+    ("eval_iters_inf", _set("validation.eval_iters", math.inf), "validation.eval_iters", ["inf"]),
     ("sgd_momentum_above_one", _set("optimizer.sgd_momentum", 1.5), "optimizer.sgd_momentum", ["1.5", "[0, 1)"]),
     ("min_loss_scale_above_initial", _all(_set("optimizer.initial_loss_scale", 8.0),
                                           _set("optimizer.min_loss_scale", 16.0)),

@@ -39,10 +39,14 @@ NUMPY_SEED_LIMIT = 2**32
 """Seeds must be below this: NumPy's legacy seeding takes 32-bit integers."""
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not to us
+
+
 def _check_positive(field_name: str, value: Any, *, optional: bool = True) -> None:
     if value is None and optional:
         return
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    if not _is_int(value) or value <= 0:
         allowed = "a positive integer" + (" or None" if optional else "")
         raise config_error(field_name, value, allowed)
 
@@ -72,7 +76,7 @@ def _check_fraction(field_name: str, value: Any) -> None:
 
 
 def _check_seed(field_name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < NUMPY_SEED_LIMIT:
+    if not _is_int(value) or not 0 <= value < NUMPY_SEED_LIMIT:
         raise config_error(field_name, value, "an integer in [0, 2**32) (NumPy's seed range)")
 
 
@@ -108,7 +112,7 @@ class TrainingConfig(KnownFieldsOnly):
         _check_positive("train.exit_interval", self.exit_interval)
         _check_number("train.exit_duration_in_mins", self.exit_duration_in_mins, "a positive number or None",
                       ok=lambda v: v > 0, infinite=True, optional=True)
-        if not isinstance(self.manual_gc_interval, int) or self.manual_gc_interval < 0:
+        if not _is_int(self.manual_gc_interval) or self.manual_gc_interval < 0:
             raise config_error("train.manual_gc_interval", self.manual_gc_interval, "an integer >= 0")
 
 
@@ -127,7 +131,7 @@ class ValidationConfig(KnownFieldsOnly):
 
     def validate(self) -> None:
         _check_positive("validation.eval_interval", self.eval_interval)
-        if not isinstance(self.eval_iters, int) or self.eval_iters < 0:
+        if not _is_int(self.eval_iters) or self.eval_iters < 0:
             raise config_error("validation.eval_iters", self.eval_iters, "an integer >= 0")
 
 
@@ -222,7 +226,7 @@ class SchedulerConfig(KnownFieldsOnly):
         _check_choice("scheduler.lr_decay_style", self.lr_decay_style, LR_DECAY_STYLES)
         _check_choice("scheduler.lr_wsd_decay_style", self.lr_wsd_decay_style, WSD_DECAY_STYLES)
         _check_choice("scheduler.weight_decay_incr_style", self.weight_decay_incr_style, WEIGHT_DECAY_INCR_STYLES)
-        if not isinstance(self.lr_warmup_iters, int) or self.lr_warmup_iters < 0:
+        if not _is_int(self.lr_warmup_iters) or self.lr_warmup_iters < 0:
             raise config_error("scheduler.lr_warmup_iters", self.lr_warmup_iters, "an integer >= 0")
         _check_number("scheduler.lr_warmup_init", self.lr_warmup_init, "a finite number >= 0", ok=lambda v: v >= 0)
         _check_positive("scheduler.lr_decay_iters", self.lr_decay_iters)
@@ -289,7 +293,7 @@ class GPTDatasetConfig(KnownFieldsOnly):
         _check_positive("dataset.seq_length", self.seq_length, optional=False)
         _check_seed("dataset.random_seed", self.random_seed)
         _check_choice("dataset.dataloader_type", self.dataloader_type, DATALOADER_TYPES)
-        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+        if not _is_int(self.num_workers) or self.num_workers < 0:
             raise config_error("dataset.num_workers", self.num_workers, "an integer >= 0")
         self.split_weights()
         if not self.uses_mock_data:
@@ -326,7 +330,7 @@ class TokenizerConfig(KnownFieldsOnly):
         _check_choice("tokenizer.tokenizer_type", self.tokenizer_type, TOKENIZER_TYPES)
         if self.tokenizer_type == "NullTokenizer":
             # The last id is the end-of-document token, so one id leaves no room for any data.
-            if not isinstance(self.vocab_size, int) or isinstance(self.vocab_size, bool) or self.vocab_size < 2:
+            if not _is_int(self.vocab_size) or self.vocab_size < 2:
                 raise config_error("tokenizer.vocab_size", self.vocab_size,
                                    "an integer >= 2 (NullTokenizer: the last id is the end-of-document token)")
             return
@@ -373,7 +377,7 @@ class CheckpointConfig(KnownFieldsOnly):
     def validate(self) -> None:
         _check_positive("checkpoint.save_interval", self.save_interval)
         _check_choice("checkpoint.ckpt_format", self.ckpt_format, CKPT_FORMATS)
-        if not isinstance(self.most_recent_k, int) or self.most_recent_k == 0 or self.most_recent_k < -1:
+        if not _is_int(self.most_recent_k) or self.most_recent_k == 0 or self.most_recent_k < -1:
             raise config_error("checkpoint.most_recent_k", self.most_recent_k, "-1 (keep all) or a positive integer")
 
 
