@@ -8,12 +8,14 @@ from others when read through the `resolved_*` properties, so shrinking a recipe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from megatron.bridge.models.decoder import ACTIVATIONS, GPTModel
 from megatron.bridge.models.norms import NORMALIZATIONS
+from megatron.bridge.utils.config_fields import KnownFieldsOnly
 from megatron.bridge.utils.errors import config_error
 
 POSITION_EMBEDDING_TYPES = ("rope",)
@@ -30,13 +32,24 @@ def _is_positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
+def _is_finite_number(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) or math.isfinite(value)
+
+
 def _is_positive_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    return _is_finite_number(value) and value > 0
 
 
 @dataclass(kw_only=True)
-class GPTModelProvider:
-    """Architecture of a GPT-style decoder; defaults describe a GPT-2-small-sized model."""
+class GPTModelProvider(KnownFieldsOnly):
+    """Architecture of a GPT-style decoder; defaults describe a GPT-2-small-sized model.
+
+    Assigning a name that is not a field (a misspelling) raises `UnknownFieldError`.
+    """
+
+    _section = "model"
 
     num_layers: int = 12
     """Number of transformer blocks."""
@@ -246,14 +259,17 @@ class GPTModelProvider:
 
     def _validate_numbers(self) -> None:
         for name in ("hidden_dropout", "attention_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise config_error(f"model.{name}", getattr(self, name), "a probability in [0, 1)")
+            value = getattr(self, name)
+            if not (_is_finite_number(value) and 0.0 <= value < 1.0):
+                raise config_error(f"model.{name}", value, "a probability in [0, 1)")
         for name in ("init_method_std", "rotary_base", "layernorm_epsilon"):
-            if not getattr(self, name) > 0:
-                raise config_error(f"model.{name}", getattr(self, name), "a positive number")
+            value = getattr(self, name)
+            if not _is_positive_number(value):
+                raise config_error(f"model.{name}", value, "a finite positive number")
         for name in ("softmax_scale", "rotary_base_local"):
-            if getattr(self, name) is not None and not _is_positive_number(getattr(self, name)):
-                raise config_error(f"model.{name}", getattr(self, name), "a positive number or None")
+            value = getattr(self, name)
+            if value is not None and not _is_positive_number(value):
+                raise config_error(f"model.{name}", value, "a finite positive number or None")
         self._validate_rope_scaling()
 
     def _validate_rope_scaling(self) -> None:
@@ -269,7 +285,7 @@ class GPTModelProvider:
         keys = LLAMA3_ROPE_KEYS if scaling["rope_type"] == "llama3" else ("factor",)
         for key in keys:
             if not _is_positive_number(scaling.get(key)):
-                raise config_error(f"model.rope_scaling[{key!r}]", scaling.get(key), "a positive number")
+                raise config_error(f"model.rope_scaling[{key!r}]", scaling.get(key), "a finite positive number")
         if scaling["rope_type"] == "llama3" and not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
             raise config_error(
                 "model.rope_scaling['high_freq_factor']", scaling["high_freq_factor"],
