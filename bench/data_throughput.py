@@ -12,8 +12,13 @@ Corpus: the Python standard library's `.py` files (every package, sorted by path
    reads, packing across documents, masks and position ids, collation. Tokens per second of
    `tokens` delivered. The first build of the sample indices is timed separately (the cached
    build that follows is what every later run pays).
+3. Sample indices at scale (no corpus needed): Megatron-LM's document, sample and shuffle indices
+   for `--index-samples` samples of `--seq-length` tokens over synthetic documents, and the blend
+   index of that many samples over 2 and 8 datasets: seconds to build and save, and to load and
+   check the cache again (what every later run pays). 300k steps of 256 samples are 76.8M.
 
-    .venv/bin/python bench/data_throughput.py            # about half a minute on 2 idle cores
+    .venv/bin/python bench/data_throughput.py            # about a minute on 2 idle cores
+    .venv/bin/python bench/data_throughput.py --index-samples 76800000 --skip-corpus
 """
 
 from __future__ import annotations
@@ -25,6 +30,11 @@ import sysconfig
 import tempfile
 import time
 
+import numpy as np
+
+from megatron.bridge.data.blended_dataset import blend_consistency, build_blend_indices
+from megatron.bridge.data.gpt_dataset import build_indices, sample_index_dtype, shuffle_index_dtype
+from megatron.bridge.data.index_cache import ArraySpec, load_or_build
 from megatron.bridge.data.loaders import build_data_iterators
 from megatron.bridge.data.preprocess import preprocess
 from megatron.bridge.data.train_tokenizer import train_tokenizer
@@ -71,6 +81,50 @@ def bench_loader(prefix: str, args: argparse.Namespace, num_workers: int) -> tup
     return built, tokens / (time.perf_counter() - start)
 
 
+def bench_indices(samples: int, seq_length: int, cache_dir: str) -> None:
+    """Build, save, load and check the GPT and blend indices of `samples` samples; print the seconds of each."""
+    rng = np.random.default_rng(0)
+    # Documents of 1 to 4,000 tokens (mean ~2,000): enough of them for about 1.5 epochs.
+    lengths = rng.integers(1, 4000, size=int(samples * seq_length / 2000 / 1.5) + 1).astype(np.int32)
+    documents = (0, len(lengths))
+    start = time.perf_counter()
+    arrays = build_indices(lengths, documents, samples, seq_length, seed=1234)
+    built = time.perf_counter() - start
+    doc_entries, total = len(arrays["doc_idx"]), len(arrays["shuffle_idx"])
+    specs = {
+        "doc_idx": ArraySpec("int32", (doc_entries,), ((0, len(lengths) - 1),)),
+        "sample_idx": ArraySpec(sample_index_dtype(doc_entries, int(lengths.max())).name, (total + 1, 2),
+                                ((0, doc_entries - 1), (0, int(lengths.max()) - 1)), increasing_rows=True),
+        "shuffle_idx": ArraySpec(shuffle_index_dtype(total).name, (total,), ((0, total - 1),)),
+    }
+    description = {"bench": "gpt", "samples": samples}
+    start = time.perf_counter()
+    load_or_build(cache_dir, description, specs, lambda: arrays)
+    saved = time.perf_counter() - start
+    start = time.perf_counter()
+    assert load_or_build(cache_dir, description, specs, lambda: arrays).source == "loaded"
+    loaded = time.perf_counter() - start
+    print(f"{'GPT indices':<34} {samples:>12,}  samples: build {built:.1f} s, check + save {saved:.1f} s, "
+          f"load + check {loaded:.1f} s ({total:,} indexed samples, {doc_entries:,} document entries)")
+    for count in (2, 8):
+        weights = (rng.dirichlet(np.ones(count))).tolist()
+        start = time.perf_counter()
+        dataset_index, sample_index = build_blend_indices(weights, samples)
+        built = time.perf_counter() - start
+        blend_specs = {"blend_dataset_idx": ArraySpec("int16", (samples,), ((0, count - 1),)),
+                       "blend_sample_idx": ArraySpec("int64", (samples,), ((0, samples - 1),))}
+        description = {"bench": "blend", "datasets": count, "samples": samples}
+        named = {"blend_dataset_idx": dataset_index, "blend_sample_idx": sample_index}
+        load_or_build(cache_dir, description, blend_specs, lambda named=named: named)
+        start = time.perf_counter()
+        cached = load_or_build(cache_dir, description, blend_specs, lambda named=named: named,
+                               check=blend_consistency(count))
+        loaded = time.perf_counter() - start
+        assert cached.source == "loaded"
+        print(f"{f'blend index, {count} datasets':<34} {samples:>12,}  samples: build {built:.1f} s, "
+              f"load + check {loaded:.1f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus-mb", type=float, default=8.0, help="megabytes of stdlib source (default: 8)")
@@ -79,9 +133,17 @@ def main() -> None:
     parser.add_argument("--seq-length", type=int, default=2048, help="loader sample length (default: 2048)")
     parser.add_argument("--micro-batch-size", type=int, default=8, help="loader micro-batch size (default: 8)")
     parser.add_argument("--batches", type=int, default=200, help="loader micro-batches to time (default: 200)")
+    parser.add_argument("--index-samples", type=int, default=20_000_000,
+                        help="samples of the index build at scale (default: 20M; 0 skips it)")
+    parser.add_argument("--skip-corpus", action="store_true", help="only the index build at scale")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
+        if args.index_samples:
+            print(f"sample indices at scale: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
+            bench_indices(args.index_samples, args.seq_length, os.path.join(tmp, "index_cache"))
+        if args.skip_corpus:
+            return
         corpus = os.path.join(tmp, "stdlib.jsonl")
         files, size = write_corpus(corpus, args.corpus_mb)
         start = time.perf_counter()

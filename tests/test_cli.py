@@ -194,10 +194,13 @@ def test_errors_after_the_start_are_one_line_with_status_1(chdir, capsys):
 
 
 def test_a_scheduler_error_is_one_line(capsys):
+    # Once found only when the scheduler was built (a traceback); now refused with the config.
     with pytest.raises(SystemExit) as info:
-        main([*TINY_RUN, "train.train_iters=2", "scheduler.lr_warmup_iters=5"])
+        main([*TINY_RUN, "train.train_iters=2", "optimizer.weight_decay=0.1", "scheduler.start_weight_decay=0.1",
+              "scheduler.end_weight_decay=0.2"])
     assert info.value.code == 2
-    assert "scheduler.lr_warmup_iters=5 is invalid: at most the decay span (2 steps)" in last_error_line(capsys)
+    assert "scheduler.end_weight_decay=0.2 is invalid: equal to scheduler.start_weight_decay=0.1" in last_error_line(
+        capsys)
 
 
 def test_ctrl_c_ends_a_run_with_one_line_and_status_130(tmp_path):

@@ -78,6 +78,52 @@ def test_validate_rejects(field, value):
         tiny(**{field: value}).validate()
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "extra"),
+    [
+        ("activation_func", "relu", {}),
+        ("qk_layernorm", 1, {}),
+        ("layernorm_zero_centered_gamma", "yes", {}),
+        ("post_self_attn_layernorm", None, {}),
+        ("post_mlp_layernorm", 0, {}),
+        ("scale_embeddings_by_hidden_size", 1.0, {}),
+        ("softmax_scale", 0.0, {}),
+        ("softmax_scale", -0.125, {}),
+        ("softmax_scale", True, {}),
+        ("window_size", (7, 1), {}),
+        ("window_size", (-1, 0), {}),
+        ("window_size", 8, {}),
+        ("window_size", (7,), {}),
+        ("window_size", (7.0, 0), {}),
+        ("window_attn_skip_freq", 6, {}),  # without window_size
+        ("window_attn_skip_freq", 0, {"window_size": (7, 0)}),
+        ("window_attn_skip_freq", [1, 0, 1], {"window_size": (7, 0)}),  # two layers, three entries
+        ("window_attn_skip_freq", [1, 2], {"window_size": (7, 0)}),
+        ("window_attn_skip_freq", "6", {"window_size": (7, 0)}),
+        ("rotary_base_local", 10000, {}),  # without window_size
+        ("rotary_base_local", 0, {"window_size": (7, 0)}),
+        ("attention_dropout", 0.1, {"window_size": (7, 0)}),
+        ("rope_scaling", {"rope_type": "linear", "factor": 0}, {}),
+        ("rope_scaling", {"rope_type": "linear"}, {}),
+    ],
+)
+def test_validate_rejects_new_fields(field, value, extra):
+    expected = r"model\.rope_scaling\['factor'\]=" if field == "rope_scaling" else rf"model\.{field}="
+    with pytest.raises(ValueError, match=expected):
+        tiny(**{field: value, **extra}).validate()
+
+
+def test_validate_accepts_the_new_families_settings():
+    gemma_like = tiny(
+        kv_channels=16, qk_layernorm=True, layernorm_zero_centered_gamma=True, post_self_attn_layernorm=True,
+        post_mlp_layernorm=True, activation_func="gelu_tanh", softmax_scale=0.0625,
+        scale_embeddings_by_hidden_size=True, window_size=(511, 0), window_attn_skip_freq=6,
+        rotary_base_local=10000.0, rope_scaling={"rope_type": "linear", "factor": 8.0},
+    )
+    gemma_like.validate()
+    tiny(window_size=[4095, 0], window_attn_skip_freq=[1, 0]).validate()  # as read back from run_config.yaml
+
+
 def test_validate_rejects_heads_not_dividing_hidden():
     with pytest.raises(ValueError, match="model.hidden_size="):
         tiny(hidden_size=30).validate()
@@ -135,3 +181,50 @@ def test_qwen25_parameter_counts(cls, expected, tied):
     assert model.num_parameters() == expected
     assert (model.output_layer is None) == tied
     assert model.layers[0].self_attention.linear_k.bias is not None
+
+
+def _expected_parameters(p: GPTModelProvider) -> int:
+    """The parameter count the provider's fields imply, written out independently of the model code."""
+    h, d, ffn = p.hidden_size, p.resolved_kv_channels, p.resolved_ffn_hidden_size
+    q, kv = p.num_attention_heads * d, p.resolved_num_query_groups * d
+    norm = h * (2 if p.normalization == "LayerNorm" else 1)
+    attention = h * q + 2 * h * kv + q * h + (q + 2 * kv) * p.add_qkv_bias + h * p.add_bias_linear
+    attention += 2 * d * p.qk_layernorm * (2 if p.normalization == "LayerNorm" else 1)
+    mlp = (3 if p.gated_linear_unit else 2) * h * ffn
+    mlp += ((2 * ffn if p.gated_linear_unit else ffn) + h) * p.add_bias_linear
+    norms_per_layer = 2 + p.post_self_attn_layernorm + p.post_mlp_layernorm
+    vocab = p.padded_vocab_size * h
+    untied = 0 if p.share_embeddings_and_output_weights else vocab
+    return vocab + untied + p.num_layers * (attention + mlp + norms_per_layer * norm) + norm
+
+
+def test_every_recipe_builds_on_the_meta_device():
+    from megatron.bridge.cli import available_recipes
+
+    recipes = available_recipes()
+    assert recipes
+    for name, recipe in recipes.items():
+        provider = recipe().model
+        if provider.vocab_size is None:  # as pretrain() does: the model follows the tokenizer
+            provider.vocab_size = recipe().tokenizer.vocab_size
+        with torch.device("meta"):
+            model = provider.provide()
+        assert all(p.device.type == "meta" for p in model.parameters()), name
+        assert model.num_parameters() == _expected_parameters(provider), name
+
+
+def test_every_decoder_part_builds_on_the_meta_device():
+    provider = tiny(
+        kv_channels=16, qk_layernorm=True, layernorm_zero_centered_gamma=True, post_self_attn_layernorm=True,
+        post_mlp_layernorm=True, activation_func="gelu_tanh", softmax_scale=0.25,
+        scale_embeddings_by_hidden_size=True, window_size=(3, 0), window_attn_skip_freq=2,
+        rotary_base_local=10000.0, share_embeddings_and_output_weights=False, add_qkv_bias=True,
+    )
+    with torch.device("meta"):
+        model = provider.provide()
+    assert all(p.device.type == "meta" for p in model.parameters())
+    assert model.num_parameters() == _expected_parameters(provider)
+    # Materialised on the CPU, the same model holds real, initialised weights.
+    real = model.to_empty(device="cpu")
+    real.reset_parameters()
+    assert torch.all(real.final_norm.weight == 0) and real.layers[0].self_attention.linear_q.weight.std() > 0

@@ -409,6 +409,53 @@ def test_normalize_empty_list_gives_an_empty_manager():
     assert manager.user_state == {}
 
 
+def test_normalize_accepts_a_tuple_and_an_object_with_event_methods():
+    class DuckTyped:  # not a Callback, but add() registers its event methods
+        def on_train_start(self, context):
+            pass
+
+    duck = DuckTyped()
+    manager = normalize_callbacks((AlsoStepEnd(), duck))
+    assert manager.list_callbacks("on_train_start")[-1] == duck.on_train_start
+    assert normalize_callbacks(duck).has_callbacks("on_train_start")
+
+
+def _a_function(context):
+    pass
+
+
+# (id, what pretrain(callbacks=...) received, fragments the message must contain)
+NOT_CALLBACKS = [
+    ("function", _a_function, ["callbacks=<function _a_function", "CallbackManager.register(event, fn)"]),
+    ("lambda_in_a_list", [lambda ctx: None], ["callbacks[0]=<function", "CallbackManager.register(event, fn)"]),
+    ("string", "oops", ["callbacks='oops'", "type str"]),
+    ("dict", {"on_train_start": _a_function}, ["callbacks={'on_train_start'", "type dict"]),
+    ("class_not_instance", AlsoStepEnd, ["a class, not an instance", "AlsoStepEnd()"]),
+    ("none_in_a_list", [AlsoStepEnd(), None], ["callbacks[1]=None"]),
+]
+
+
+@pytest.mark.parametrize(("value", "fragments"), [c[1:] for c in NOT_CALLBACKS], ids=[c[0] for c in NOT_CALLBACKS])
+def test_normalize_refuses_what_it_cannot_register(value, fragments):
+    with pytest.raises(ValueError) as info:
+        normalize_callbacks(value)
+    message = str(info.value)
+    for fragment in fragments + ["a CallbackManager, a Callback, a list of Callbacks, or None"]:
+        assert fragment in message, (fragment, message)
+
+
+def test_pretrain_refuses_a_function_as_callbacks_before_any_work(chdir):
+    import torch.distributed as dist
+
+    from helpers import make_tiny_config
+    from megatron.bridge.training.gpt_step import forward_step
+    from megatron.bridge.training.pretrain import pretrain
+
+    with pytest.raises(ValueError, match=r"^callbacks=<function _a_function .*CallbackManager\.register"):
+        pretrain(make_tiny_config(), forward_step, callbacks=_a_function)
+    assert not dist.is_initialized() and list(chdir.iterdir()) == []
+
+
 # --------------------------------------------------------------------------------------- should_fire
 
 

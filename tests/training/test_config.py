@@ -3,10 +3,13 @@ the recipes hold the contract's values."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import re
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from helpers import make_tiny_config
@@ -16,7 +19,7 @@ from megatron.bridge.recipes.qwen import (
     qwen25_500m_pretrain_config,
 )
 from megatron.bridge.training.callbacks import VALID_EVENTS, CallbackManager
-from megatron.bridge.training.config import ConfigContainer, GPTDatasetConfig
+from megatron.bridge.training.config import ConfigContainer, ConfigError, GPTDatasetConfig, UnknownFieldError
 from megatron.bridge.training.gpt_step import forward_step
 from megatron.bridge.training.pretrain import pretrain
 
@@ -245,3 +248,204 @@ def test_larger_qwen_recipes_shapes(chdir, recipe, shape, tied):
     assert (cfg.train.global_batch_size, cfg.train.micro_batch_size) == (32, 2)
     assert cfg.mixed_precision == "bf16_mixed"
     assert cfg.tokenizer.vocab_size == 32_000
+
+
+# ------------------------------------------------------------------ non-finite and absurd numbers
+
+# Where infinity means "no limit" and is accepted; NaN is refused everywhere.
+INFINITY_ALLOWED = {"train.exit_duration_in_mins", "optimizer.clip_grad"}
+
+
+def _float_fields() -> list[str]:
+    """`section.field` for every float-typed field of every section and of the model provider."""
+    cfg = make_tiny_config()
+    paths = []
+    for section in dataclasses.fields(cfg):
+        value = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(value):
+            continue
+        paths += [f"{section.name}.{f.name}" for f in dataclasses.fields(value) if "float" in str(f.type)]
+    return paths + ["model.rotary_base"]  # an int field that also takes floats (Hugging Face's rope_theta)
+
+
+def test_the_float_table_covers_every_section_that_has_floats():
+    sections = {path.split(".")[0] for path in _float_fields()}
+    assert sections == {"train", "optimizer", "scheduler", "logger", "model"}
+    assert {"optimizer.lr", "optimizer.min_lr", "scheduler.end_weight_decay", "model.layernorm_epsilon",
+            "optimizer.initial_loss_scale"} <= set(_float_fields())
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("path", _float_fields())
+def test_every_float_field_refuses_nan_and_needless_infinity(path, value):
+    cfg = make_tiny_config()
+    _set(path, value)(cfg)
+    if value == math.inf and path in INFINITY_ALLOWED:
+        cfg.validate()
+        return
+    with pytest.raises(ConfigError, match=rf"^{re.escape(path)}=-?(nan|inf) is invalid: "):
+        cfg.validate()
+
+
+# (id, mutation, the config key the message starts with, fragments it must also contain)
+ABSURD_CONFIGS = [
+    ("lr_inf", _set("optimizer.lr", math.inf), "optimizer.lr", ["inf", "finite"]),
+    ("clip_grad_nan", _set("optimizer.clip_grad", math.nan), "optimizer.clip_grad", ["nan", ">= 0"]),
+    ("weight_decay_inf", _set("optimizer.weight_decay", math.inf), "optimizer.weight_decay", ["finite"]),
+    ("adam_eps_inf", _set("optimizer.adam_eps", math.inf), "optimizer.adam_eps", ["finite"]),
+    ("min_lr_nan", _set("optimizer.min_lr", math.nan), "optimizer.min_lr", ["nan", "optimizer.lr"]),
+    ("lr_warmup_init_inf", _set("scheduler.lr_warmup_init", math.inf), "scheduler.lr_warmup_init", ["finite"]),
+    ("end_weight_decay_nan", _set("scheduler.end_weight_decay", math.nan), "scheduler.end_weight_decay", ["nan"]),
+    ("seed_2_to_32", _set("rng.seed", 2**32), "rng.seed", ["4294967296", "2**32"]),
+    ("seed_negative", _set("rng.seed", -1), "rng.seed", ["-1", "2**32"]),
+    ("dataset_seed_2_to_32", _set("dataset.random_seed", 2**32), "dataset.random_seed", ["2**32"]),
+    ("split_inf", _set("dataset.split", "inf,1,1"), "dataset.split", ["'inf,1,1'", "finite"]),
+    ("split_nan", _set("dataset.split", "1,nan,1"), "dataset.split", ["'1,nan,1'"]),
+    ("vocab_size_1", _set("tokenizer.vocab_size", 1), "tokenizer.vocab_size", ["=1", ">= 2", "end-of-document"]),
+    ("lr_a_string", _set("optimizer.lr", "1e-3"), "optimizer.lr", ["'1e-3'", "number"]),
+    ("beta_a_bool", _set("optimizer.adam_beta1", True), "optimizer.adam_beta1", ["True", "[0, 1)"]),
+    ("warmup_iters_a_bool", _set("scheduler.lr_warmup_iters", True), "scheduler.lr_warmup_iters", ["True"]),
+    ("eval_iters_inf", _set("validation.eval_iters", math.inf), "validation.eval_iters", ["inf"]),
+    ("sgd_momentum_above_one", _set("optimizer.sgd_momentum", 1.5), "optimizer.sgd_momentum", ["1.5", "[0, 1)"]),
+    ("min_loss_scale_above_initial", _all(_set("optimizer.initial_loss_scale", 8.0),
+                                          _set("optimizer.min_loss_scale", 16.0)),
+     "optimizer.min_loss_scale", ["16.0", "initial_loss_scale=8.0"]),
+    ("loss_scale_window_0", _set("optimizer.loss_scale_window", 0), "optimizer.loss_scale_window", ["positive"]),
+    ("rope_scaling_inf", _set("model.rope_scaling", {"rope_type": "llama3", "factor": math.inf,
+                                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                     "original_max_position_embeddings": 8192}),
+     "model.rope_scaling['factor']", ["inf", "finite"]),
+]
+
+
+@pytest.mark.parametrize(("mutate", "key", "fragments"), [c[1:] for c in ABSURD_CONFIGS],
+                         ids=[c[0] for c in ABSURD_CONFIGS])
+def test_absurd_values_are_refused_naming_the_config_key(mutate, key, fragments):
+    cfg = make_tiny_config()
+    mutate(cfg)
+    with pytest.raises(ConfigError) as info:
+        cfg.validate()
+    message = str(info.value)
+    assert message.startswith(f"{key}="), message
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+
+
+@pytest.mark.parametrize(("path", "value"), [("optimizer.clip_grad", math.inf),
+                                             ("train.exit_duration_in_mins", math.inf),
+                                             ("rng.seed", 2**32 - 1), ("tokenizer.vocab_size", 2)])
+def test_edge_values_that_make_sense_are_accepted(path, value):
+    cfg = make_tiny_config()
+    _set(path, value)(cfg)
+    cfg.validate()
+
+
+# Internal names of OptimizerParamScheduler that a config error must never be phrased in.
+SCHEDULER_NAMES = re.compile(r"\b(init_lr|max_lr|start_wd|end_wd|wd_incr_steps|lr_decay_steps|lr_warmup_steps|"
+                             r"wsd_decay_steps|wd_incr_style)\b")
+
+# Configs the scheduler itself would refuse: (id, mutation, the config key the message starts with).
+SCHEDULER_REFUSALS = [
+    ("constant_wd_with_different_end", _all(_set("scheduler.start_weight_decay", None),
+                                            _set("scheduler.end_weight_decay", 0.5)), "scheduler.end_weight_decay"),
+    ("constant_wd_with_different_start", _all(_set("scheduler.end_weight_decay", None),
+                                              _set("scheduler.start_weight_decay", 0.5)),
+     "scheduler.start_weight_decay"),
+    ("constant_wd_with_both_different", _all(_set("scheduler.start_weight_decay", 0.1),
+                                             _set("scheduler.end_weight_decay", 0.2)), "scheduler.end_weight_decay"),
+    ("end_wd_nan", _set("scheduler.end_weight_decay", math.nan), "scheduler.end_weight_decay"),
+    ("start_wd_negative", _all(_set("scheduler.start_weight_decay", -0.1),
+                               _set("scheduler.weight_decay_incr_style", "linear")), "scheduler.start_weight_decay"),
+    ("warmup_init_negative", _set("scheduler.lr_warmup_init", -1.0), "scheduler.lr_warmup_init"),
+    ("min_lr_above_max", _set("optimizer.min_lr", 1.0), "optimizer.min_lr"),
+    ("warmup_longer_than_decay", _all(_set("scheduler.lr_decay_iters", 2), _set("scheduler.lr_warmup_iters", 3)),
+     "scheduler.lr_warmup_iters"),
+    ("wsd_decay_iters_0", _set("scheduler.lr_wsd_decay_iters", 0), "scheduler.lr_wsd_decay_iters"),
+    ("unknown_wd_incr_style", _set("scheduler.weight_decay_incr_style", "step"), "scheduler.weight_decay_incr_style"),
+]
+
+
+@pytest.mark.parametrize(("mutate", "key"), [c[1:] for c in SCHEDULER_REFUSALS], ids=[c[0] for c in SCHEDULER_REFUSALS])
+def test_config_validation_catches_what_the_scheduler_would_refuse(mutate, key):
+    from megatron.bridge.training.optim import setup_optimizer
+
+    cfg = make_tiny_config()
+    mutate(cfg)
+    with pytest.raises(ValueError):  # the scheduler does refuse it: the case is real
+        setup_optimizer(cfg.optimizer, cfg.scheduler, [torch.nn.Linear(2, 2)], train_iters=cfg.train.train_iters)
+    with pytest.raises(ConfigError) as info:
+        cfg.validate()
+    message = str(info.value)
+    assert message.startswith(f"{key}="), message
+    assert not SCHEDULER_NAMES.search(message), message
+
+
+def test_constant_weight_decay_error_names_where_the_other_end_comes_from():
+    cfg = make_tiny_config(optimizer__weight_decay=0.1, scheduler__start_weight_decay=None,
+                           scheduler__end_weight_decay=0.033)
+    with pytest.raises(ConfigError, match=r"^scheduler\.end_weight_decay=0\.033 is invalid: equal to "
+                                          r"optimizer\.weight_decay=0\.1 with .*'constant'"):
+        cfg.validate()
+    cfg.scheduler.weight_decay_incr_style = "linear"
+    cfg.validate()
+
+
+# ---------------------------------------------------------------------------- misspelled fields
+
+
+def _config_objects():
+    """(label, object) for every config class: each section, the container and every model provider."""
+    from megatron.bridge.models import llama, qwen
+    from megatron.bridge.models.gpt_provider import GPTModelProvider
+    from megatron.bridge.training.config import MockGPTDatasetConfig
+
+    cfg = make_tiny_config()
+    objects = [(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+               if dataclasses.is_dataclass(getattr(cfg, f.name))]
+    objects += [("container", cfg), ("mock_dataset", MockGPTDatasetConfig())]
+    providers = [GPTModelProvider, qwen.Qwen2ModelProvider, qwen.Qwen25ModelProvider500M,
+                 qwen.Qwen25ModelProvider1P5B, qwen.Qwen25ModelProvider7B, llama.LlamaModelProvider,
+                 llama.Llama32ModelProvider1B, llama.Llama31ModelProvider8B]
+    return objects + [(provider.__name__, provider()) for provider in providers]
+
+
+@pytest.mark.parametrize(("label", "obj"), _config_objects(), ids=[label for label, _ in _config_objects()])
+def test_every_config_object_refuses_a_misspelled_field(label, obj):
+    fields = [f.name for f in dataclasses.fields(obj)]
+    real = fields[0]
+    misspelled = real[:-1] if len(real) > 3 else real + "x"
+    with pytest.raises(UnknownFieldError) as info:
+        setattr(obj, misspelled, 1)
+    err = info.value
+    assert isinstance(err, AttributeError) and isinstance(err, ConfigError)
+    message = str(err)
+    section = obj._section
+    assert f"unknown field {section + '.' if section else ''}{misspelled} " in message, message
+    assert f"(did you mean {real}?)" in message, message
+    assert all(name in message.split("valid fields", 1)[1] for name in fields), message
+    assert not hasattr(obj, misspelled)
+    setattr(obj, real, getattr(obj, real))  # real fields stay assignable
+    obj._private_note = "kept"  # and private attributes free
+    assert obj._private_note == "kept"
+
+
+def test_misspellings_from_the_issue_are_refused_with_the_valid_fields():
+    cfg = make_tiny_config()
+    with pytest.raises(AttributeError, match=r"^unknown field train\.train_iter \(did you mean train_iters\?\); "
+                                             r"valid fields of train: train_iters, global_batch_size, "):
+        cfg.train.train_iter = 5
+    with pytest.raises(ValueError, match=r"^unknown field optimizer\.learning_rate; valid fields of optimizer: "
+                                         r"optimizer, lr, min_lr"):
+        cfg.optimizer.learning_rate = 1e-3
+    assert cfg.train.train_iters == 4 and cfg.optimizer.lr == make_tiny_config().optimizer.lr
+
+
+def test_the_provider_keeps_its_hooks_and_copies_of_guarded_configs_work():
+    import copy
+
+    cfg = make_tiny_config()
+    cfg.model.register_pre_wrap_hook(lambda model: None)
+    clone = copy.deepcopy(cfg)
+    clone.validate()
+    assert len(clone.model.pre_wrap_hooks) == 1
+    assert dataclasses.replace(cfg.train, train_iters=7).train_iters == 7

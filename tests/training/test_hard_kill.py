@@ -12,6 +12,7 @@ import os
 import queue
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -390,6 +391,146 @@ def test_without_exit_signal_handler_pretrain_leaves_signals_alone(tmp_path):
     assert received == [signal.SIGTERM]
     assert recorder.steps() == [1, 2, 3, 4]
     assert "on_train_end" in recorder.names()
+
+
+class SignalInPass(Recorder):
+    """Records events and sends `sig` to its own process when the post-training `pass_name` pass starts.
+
+    `pass_name="checkpoint"`: when the final checkpoint (after the loop, before the passes) is saved.
+    """
+
+    def __init__(self, sig: signal.Signals, pass_name: str) -> None:
+        super().__init__()
+        self.sig, self.pass_name = sig, pass_name
+
+    def on_eval_start(self, context):
+        super().on_eval_start(context)
+        if self.pass_name == "eval":
+            os.kill(os.getpid(), self.sig)
+
+    def on_test_start(self, context):
+        super().on_test_start(context)
+        if self.pass_name == "test":
+            os.kill(os.getpid(), self.sig)
+
+    def on_checkpoint_save(self, context):
+        super().on_checkpoint_save(context)
+        if self.pass_name == "checkpoint":
+            os.kill(os.getpid(), self.sig)
+
+
+@pytest.mark.parametrize(("pass_name", "skip_train"),
+                         [("eval", False), ("test", False), ("eval", True), ("checkpoint", False)],
+                         ids=["validation", "test", "skip_train-validation", "final-save"])
+def test_a_signal_during_the_post_training_passes_ends_them_cleanly(tmp_path, capsys, pass_name, skip_train):
+    received: list[int] = []
+
+    def guard(signum, frame):  # in place of the default handler, in case pretrain installs none
+        received.append(signum)
+
+    previous = signal.signal(signal.SIGTERM, guard)
+    try:
+        save = tmp_path / "ckpt"
+        recorder = SignalInPass(signal.SIGTERM, pass_name)
+        pretrain(tiny_config(dict(train__train_iters=3, train__exit_signal_handler=True, validation__eval_iters=2,
+                                  validation__skip_train=skip_train, checkpoint__save=str(save))),
+                 forward_step, [recorder])
+        assert received == [], "pretrain did not handle the signal"
+        assert signal.getsignal(signal.SIGTERM) is guard, "pretrain did not restore the previous handler"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    names = recorder.names()
+    # The pass under way finishes and the rest is skipped.
+    assert names.count("on_eval_start") == (0 if pass_name == "checkpoint" else 1)
+    assert names.count("on_test_start") == (1 if pass_name == "test" else 0)
+    if not skip_train:
+        assert "on_train_end" in names and recorder.saved() == [3]
+        assert checkpoint_io.list_iterations(save) == [3]
+    out = capsys.readouterr().out
+    assert ("received SIGTERM: skipping the post-training test pass" in out) is (pass_name == "eval")
+    assert ("received SIGTERM: skipping the post-training validation and test passes" in out) is (
+        pass_name == "checkpoint")
+
+
+SIGNAL_IN_VALIDATION_SCRIPT = f"""
+import os, signal, sys
+import torch
+torch.set_num_threads(1)
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+from helpers import make_tiny_config
+from megatron.bridge.training.callbacks import Callback
+from megatron.bridge.training.gpt_step import forward_step
+from megatron.bridge.training.pretrain import pretrain
+
+
+class SignalInValidation(Callback):
+    def on_eval_start(self, context):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+cfg = make_tiny_config(train__train_iters=2, train__exit_signal_handler=True, checkpoint__save="ckpt")
+pretrain(cfg, forward_step, [SignalInValidation()])
+print("RETURNED", flush=True)
+"""
+
+
+def test_sigterm_during_the_final_validation_exits_with_status_0(tmp_path):
+    script = tmp_path / "signal_in_validation.py"
+    script.write_text(SIGNAL_IN_VALIDATION_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")}
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "RETURNED" in done.stdout
+    assert checkpoint_io.list_iterations(tmp_path / "ckpt") == [2]
+
+
+SIGNAL_ON_ONE_RANK_SCRIPT = f"""
+import os, signal, sys
+import torch
+import torch.distributed as dist
+torch.set_num_threads(1)
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+from helpers import make_tiny_config
+from megatron.bridge.training.callbacks import Callback
+from megatron.bridge.training.gpt_step import forward_step
+from megatron.bridge.training.pretrain import pretrain
+
+
+class SignalRankOneInValidation(Callback):
+    def __init__(self):
+        self.tested = False
+
+    def on_eval_start(self, context):
+        if dist.get_rank() == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_test_start(self, context):
+        self.tested = True
+
+
+callback = SignalRankOneInValidation()
+cfg = make_tiny_config(train__train_iters=2, train__exit_signal_handler=True, checkpoint__save="ckpt")
+pretrain(cfg, forward_step, [callback])
+print(f"RETURNED rank={{os.environ['RANK']}} tested={{callback.tested}}", flush=True)
+"""
+
+
+def test_sigterm_on_one_rank_during_validation_skips_the_test_pass_on_every_rank(tmp_path):
+    script = tmp_path / "signal_on_one_rank.py"
+    script.write_text(SIGNAL_ON_ONE_RANK_SCRIPT)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                           "127.0.0.1", "--master-port", str(port), str(script)], cwd=tmp_path,
+                          env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "RETURNED rank=0 tested=False" in done.stdout and "RETURNED rank=1 tested=False" in done.stdout
+    assert "another rank received a signal: skipping the post-training test pass" in done.stdout
+    assert checkpoint_io.list_iterations(tmp_path / "ckpt") == [2]
 
 
 def test_exit_duration_in_mins_stops_after_the_first_step(tmp_path, capsys):

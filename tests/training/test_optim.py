@@ -12,6 +12,7 @@ from torch import nn
 from megatron.bridge.training.config import OptimizerConfig, SchedulerConfig
 from megatron.bridge.training.optim import (
     OptimizerParamScheduler,
+    get_grad_norm,
     get_grad_norm_and_clip,
     setup_optimizer,
 )
@@ -267,6 +268,20 @@ def test_clip_grad_zero_returns_none():
     model = tiny_with_grads()
     assert get_grad_norm_and_clip([model], clip_grad=0.0) is None
     torch.testing.assert_close(model.linear.weight.grad, torch.ones(3, 4))
+
+
+@pytest.mark.parametrize("clip_grad", [0.0, math.inf], ids=["no_clipping", "infinite"])
+def test_get_grad_norm_measures_without_clipping(clip_grad):
+    model = tiny_with_grads()
+    norm = get_grad_norm([model, model], clip_grad=clip_grad)
+    assert norm.dim() == 0 and norm.item() == pytest.approx(math.sqrt(24))
+    torch.testing.assert_close(model.linear.weight.grad, torch.ones(3, 4), rtol=0, atol=0)
+
+
+def test_get_grad_norm_without_clipping_still_sees_a_nan():
+    model = tiny_with_grads()
+    model.linear.weight.grad[1, 2] = float("inf")
+    assert get_grad_norm([model]).item() == math.inf
 
 
 def test_grad_norm_is_fp32_for_bf16_grads():

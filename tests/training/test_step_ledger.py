@@ -80,6 +80,27 @@ def test_no_norm_means_nothing_to_read_and_nothing_skipped():
     assert outcome.is_read and outcome.grad_norm is None and not outcome.skipped and outcome.found_inf is None
 
 
+@pytest.mark.parametrize(("norm", "skipped"), [(2.5, False), (math.nan, True), (math.inf, True)])
+def test_an_unreported_norm_still_decides_the_skip(norm, skipped):
+    outcome = StepOutcome(1, torch.tensor(norm), reports_norm=False)  # optimizer.clip_grad=0
+    assert outcome.found_inf.item() == float(skipped)
+    assert outcome.grad_norm is None and outcome.skipped is skipped
+    assert outcome.measured_norm == norm or (math.isnan(norm) and math.isnan(outcome.measured_norm))
+
+
+def test_a_loss_scale_overflow_is_skipped_and_counted_but_never_raises():
+    ledger, train_state = _ledger(deferred=False, raise_on_nan=True)
+    overflow = StepOutcome(1, torch.tensor(math.inf))
+    overflow.overflow = True
+    ledger.record(overflow)
+    assert ledger.scheduler.num_steps == 0 and train_state.skipped_train_samples == 8
+    ledger.check()  # no error: the scaler backs off and training goes on
+    ledger.record(StepOutcome(2, torch.tensor(math.nan)))  # a NaN the scale cannot explain
+    with pytest.raises(RuntimeError, match=r"gradient norm is nan at iteration 2 "):
+        ledger.check()
+    assert train_state.skipped_train_samples == 16
+
+
 # --------------------------------------------------------------------------- the loop with fused Adam
 
 
@@ -103,7 +124,7 @@ def _record_end_state(end: dict):
     )
 
 
-def _train(monkeypatch, *, fused: bool, log_interval: int, check_nan: bool = False):
+def _train(monkeypatch, *, fused: bool, log_interval: int, check_nan: bool = False, clip_grad: float = 1.0):
     """Train 5 steps with a NaN loss at iteration 3; return device reads, final weights, schedule and skips."""
     monkeypatch.setattr(torch.optim, "AdamW", _adamw(fused))
     reads: list[int] = []  # tensors per device-to-host read
@@ -115,7 +136,7 @@ def _train(monkeypatch, *, fused: bool, log_interval: int, check_nan: bool = Fal
 
     monkeypatch.setattr(step_ledger, "read_from_device", spy)
     cfg = make_tiny_config(train__train_iters=5, logger__log_interval=log_interval,
-                           ddp__check_for_nan_in_grad=check_nan)
+                           ddp__check_for_nan_in_grad=check_nan, optimizer__clip_grad=clip_grad)
     end = {"reads_at_step_start": []}
     manager = CallbackManager()
     # A callback that asks for no value must not cause reads.
@@ -164,6 +185,24 @@ def test_log_line_counts_a_deferred_skip_and_averages_only_applied_steps(chdir, 
     loss = float(line.split("lm loss: ")[1].split(" |")[0])
     assert math.isfinite(loss) and 3.0 < loss < 6.0  # ln(128) = 4.85 at the start of training
     assert "grad norm: " in line and "grad norm: nan" not in line  # the last step's norm
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_without_clipping_a_nan_update_is_still_skipped_and_counted(chdir, monkeypatch, capsys, fused):
+    reads, end = _train(monkeypatch, fused=fused, log_interval=5, clip_grad=0.0)
+    assert end["num_steps"] == 4 and end["skipped"] == 4
+    assert torch.isfinite(end["weights"]).all()
+    if fused:
+        assert reads == [4]  # still no read per step
+    line = next(line for line in capsys.readouterr().out.splitlines() if "iteration        5/" in line)
+    assert "number of skipped iterations:   1" in line and "number of nan iterations:   1" in line
+    assert "grad norm" not in line  # without clipping no norm is reported, as in Megatron
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_without_clipping_check_for_nan_in_grad_still_raises(chdir, monkeypatch, fused):
+    with pytest.raises(RuntimeError, match=r"gradient norm is nan at iteration 3 "):
+        _train(monkeypatch, fused=fused, log_interval=5, check_nan=True, clip_grad=0.0)
 
 
 # ------------------------------------------------------------------- reads and checkpoints together

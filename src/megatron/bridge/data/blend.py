@@ -8,10 +8,11 @@ Accepted spellings (Megatron's, plus the flat list its command line uses):
     ["a", "b"]  or  (["a", "b"], None)                       a and b, weighted by their sizes
 
 A path is a prefix: `a` names `a.bin` and `a.idx`. Weights must be positive; they are normalised
-to sum to one. Without weights each dataset weighs as many tokens as its split holds, so the
-blend reads like one concatenated corpus.
+to sum to one. Without weights each dataset weighs as many samples as one epoch of its split
+holds (Megatron-LM's rule), so the blend reads like one concatenated corpus.
 
-This module imports nothing from the rest of the package but its error types, so the config can use it freely.
+This module imports nothing from the rest of the package but its error types (and numpy), so the config can
+use it freely.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from __future__ import annotations
 import math
 import os
 from typing import Any
+
+import numpy as np
 
 from megatron.bridge.utils.errors import ConfigError
 
@@ -86,12 +89,10 @@ def parse_blend(blend: Any, data_path: Any) -> tuple[list[str], list[float] | No
     raise _error(field_name, value, f"weights and paths must alternate, weight first; use {FORMS}")
 
 
-def normalized_weights(weights: list[float] | None, sizes: list[int]) -> list[float]:
-    """Weights summing to one; proportional to `sizes` (tokens per dataset) when `weights` is None."""
-    if weights is None:
-        weights = [float(size) for size in sizes]
-    total = sum(weights)
-    return [w / total for w in weights]
+def normalize(weights: list[float]) -> list[float]:
+    """`weights` divided by their sum, in float64 as Megatron-LM does (so blends match it bit for bit)."""
+    values = np.asarray(weights, dtype=np.float64)
+    return (values / values.sum()).tolist()
 
 
 def check_dataset_files(paths: list[str], field_name: str) -> None:

@@ -1,36 +1,49 @@
-"""From a `GPTDatasetConfig` with a blend to the train, validation and test datasets.
+"""From a `GPTDatasetConfig` with a blend to the train, validation and test datasets, as Megatron-LM builds them.
+
+Per split, with `target` samples requested (Megatron-LM's `BlendedMegatronDatasetBuilder`):
+
+- one path without weights: a `GPTDataset` of `target` samples;
+- weights (normalised to sum to one, even for a single path): dataset d serves
+  `ceil(target * weight[d])` samples of the blend and is built for
+  `ceil(ceil(target * weight[d]) * (1 + 0.005))` (the surplus), and the blend of their sum is
+  assigned by the greedy rule of `blended_dataset`;
+- several paths without weights: each dataset is built for one epoch, weighs as many samples as
+  that epoch holds, and the blend has `min(target, their sum)` samples.
 
 Checks made here, all before the first training step, each raising `DatasetError` that names the
 file: the `.bin`/`.idx` pair opens and agrees (see `indexed_dataset`), every token id is inside
 the tokenizer's vocabulary (one vectorised scan per `.bin`, cached), and every requested split
 has documents and at least one sample's worth (`seq_length + 1`) of tokens. A split smaller than
 the number of samples asked for is not an error: its documents repeat over as many shuffled
-epochs as needed, as in Megatron.
+epochs as needed, as in Megatron. Under torchrun rank 0 builds (or repairs) every cached index
+first; the other ranks wait for it and then load them.
 """
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
 from torch.utils.data import Dataset
 
-from megatron.bridge.data.blend import normalized_weights
-from megatron.bridge.data.blended_dataset import BlendedDataset, build_blend_indices
-from megatron.bridge.data.gpt_dataset import (
-    SPLITS,
-    GPTDataset,
-    SampleOptions,
-    check_split_tokens,
-    split_document_ranges,
-)
-from megatron.bridge.data.index_cache import cached_arrays
+from megatron.bridge.data.blend import normalize
+from megatron.bridge.data.blended_dataset import BlendedDataset, blend_consistency, build_blend_indices
+from megatron.bridge.data.gpt_dataset import INDEX_SCHEME, SPLITS, GPTDataset, SampleOptions, split_document_ranges
+from megatron.bridge.data.index_cache import ArraySpec, load_or_build, rank_zero_first
 from megatron.bridge.data.indexed_dataset import DatasetError, IndexedDataset
-from megatron.bridge.training.distributed import print_rank_0
+from megatron.bridge.utils.errors import config_error
+from megatron.bridge.utils.logging import print_rank_0
 
 if TYPE_CHECKING:
     from megatron.bridge.training.config import GPTDatasetConfig
+
+# Megatron-LM's `mid_level_dataset_surplus` default: each blended dataset is built this much larger.
+MID_LEVEL_SURPLUS = 0.005
+# (dataset number, samples or None for one epoch) -> that dataset's GPTDataset for the split being built.
+Component = Callable[[int, "int | None"], GPTDataset]
 
 
 def cache_dir_for(config: GPTDatasetConfig, prefix: str) -> str:
@@ -51,9 +64,11 @@ def check_token_ids(indexed: IndexedDataset, vocab_size: int, cache_dir: str) ->
         "kind": "token_range", "path": os.path.abspath(indexed.prefix), "bin_bytes": stat.st_size,
         "bin_mtime_ns": stat.st_mtime_ns, "idx_bytes": os.path.getsize(indexed.idx_path),
     }
-    arrays = cached_arrays(cache_dir, description, ("token_range",),
+    info = np.iinfo(indexed.dtype)
+    specs = {"token_range": ArraySpec("int64", (2,), ((min(info.min, -1), info.max),))}
+    cached = load_or_build(cache_dir, description, specs,
                            lambda: {"token_range": np.asarray(indexed.token_range(), dtype=np.int64)})
-    low, high = (int(v) for v in arrays["token_range"])
+    low, high = (int(v) for v in cached.arrays["token_range"])
     if indexed.num_tokens and (low < 0 or high >= vocab_size):
         bad = low if low < 0 else high
         raise DatasetError(
@@ -63,13 +78,29 @@ def check_token_ids(indexed: IndexedDataset, vocab_size: int, cache_dir: str) ->
         )
 
 
+def sizes_per_dataset(weights: list[float], target: int, surplus: float = 0.0) -> list[int]:
+    """Samples each dataset of a weighted blend serves (surplus 0) or is built for: `ceil(ceil(t * w) * (1 + s))`."""
+    return [int(math.ceil(math.ceil(target * weight) * (1 + surplus))) for weight in weights]
+
+
 def build_gpt_datasets(
     config: GPTDatasetConfig, *, num_samples: tuple[int, int, int], vocab_size: int, eod: int
 ) -> tuple[Dataset | None, Dataset | None, Dataset | None]:
-    """Train, validation and test datasets of `num_samples` samples each; None where none are asked for.
+    """Train, validation and test datasets of at least `num_samples` samples each; None where none are asked for.
 
-    A split whose `dataset.split` weight is 0 also gives None (so no validation or test pass).
+    A split whose `dataset.split` weight is 0 also gives None (so no validation or test pass). Must be
+    called on every rank of a job (rank 0 builds the cached indices first).
     """
+    if not 0 <= config.random_seed < 2**32:
+        raise config_error("dataset.random_seed", config.random_seed,
+                           "an integer in [0, 2**32 - 1] (it seeds numpy's RandomState, as in Megatron-LM)")
+    with rank_zero_first():
+        return _build_all(config, num_samples, vocab_size, eod)
+
+
+def _build_all(
+    config: GPTDatasetConfig, num_samples: tuple[int, int, int], vocab_size: int, eod: int
+) -> tuple[Dataset | None, Dataset | None, Dataset | None]:
     paths, weights = config.resolved_blend()
     indexed = [IndexedDataset(path) for path in paths]
     for dataset in indexed:
@@ -79,55 +110,96 @@ def build_gpt_datasets(
         seq_length=config.seq_length, seed=config.random_seed, eod=eod, eod_mask_loss=config.eod_mask_loss,
         reset_position_ids=config.reset_position_ids, reset_attention_mask=config.reset_attention_mask,
     )
-    built = []
+    shares = None if weights is None else normalize(weights)
+    built: list[Dataset | None] = []
     for split_no, split in enumerate(SPLITS):
-        if num_samples[split_no] == 0 or fractions[split_no] == 0:
+        target = num_samples[split_no]
+        if target == 0 or fractions[split_no] == 0:
             built.append(None)
             continue
         ranges = [split_document_ranges(len(ds), fractions)[split_no] for ds in indexed]
-        built.append(_build_split(config, indexed, weights, split, ranges, num_samples[split_no], options))
+
+        def component(i: int, count: int | None, split: str = split, ranges: list = ranges) -> GPTDataset:
+            # Bound as defaults: each split's closure keeps its own split and document ranges.
+            return GPTDataset(indexed[i], split=split, document_range=ranges[i], num_samples=count,
+                              options=options, cache_dir=cache_dir_for(config, indexed[i].prefix))
+
+        if len(indexed) == 1 and shares is None:
+            dataset = component(0, target)
+            _report(split, target, len(dataset), options.seq_length, [dataset])
+            built.append(dataset)
+        elif shares is None:
+            built.append(_unweighted_blend(config, indexed, split, target, component, options))
+        else:
+            built.append(_weighted_blend(config, indexed, shares, split, target, component, options))
     return built[0], built[1], built[2]
 
 
-def _build_split(
+def _weighted_blend(config: GPTDatasetConfig, indexed: list[IndexedDataset], shares: list[float], split: str,
+                    target: int, component: Component, options: SampleOptions) -> BlendedDataset:
+    components = [component(i, count) for i, count in enumerate(sizes_per_dataset(shares, target, MID_LEVEL_SURPLUS))]
+    size = sum(sizes_per_dataset(shares, target))
+    # Megatron normalises the weights once more inside its blended dataset; kept for identical floats.
+    return _blend(config, indexed, split, components, normalize(shares), size, target, options)
+
+
+def _unweighted_blend(config: GPTDatasetConfig, indexed: list[IndexedDataset], split: str, target: int,
+                      component: Component, options: SampleOptions) -> BlendedDataset:
+    components = [component(i, None) for i in range(len(indexed))]
+    lengths = [len(c) for c in components]
+    size = min(target, sum(lengths))
+    if size < target and split == "train" and config.dataloader_type == "single":
+        raise DatasetError(
+            f"the unweighted blend of {', '.join(ds.prefix for ds in indexed)} holds {sum(lengths)} train samples "
+            f"(one epoch of each dataset, as in Megatron-LM), fewer than the {target} requested: give weights "
+            "(dataset.blend=[w1, path1, w2, path2, ...]) so that datasets repeat, train fewer steps, or set "
+            "dataset.dataloader_type=cyclic"
+        )
+    return _blend(config, indexed, split, components, normalize(lengths), size, target, options)
+
+
+def _blend(
     config: GPTDatasetConfig,
     indexed: list[IndexedDataset],
-    weights: list[float] | None,
     split: str,
-    ranges: list[tuple[int, int]],
-    num_samples: int,
+    components: list[GPTDataset],
+    shares: list[float],
+    size: int,
+    target: int,
     options: SampleOptions,
-) -> Dataset:
-    def component(i: int, count: int) -> GPTDataset:
-        return GPTDataset(indexed[i], split=split, document_range=ranges[i], num_samples=count, options=options,
-                          cache_dir=cache_dir_for(config, indexed[i].prefix))
-
-    if len(indexed) == 1:
-        dataset = component(0, num_samples)
-        _report(split, num_samples, options.seq_length, [dataset])
-        return dataset
-    # Every component must be able to serve samples; its split's token count also weighs an unweighted blend.
-    sizes = [check_split_tokens(ds, split, span, options.seq_length) for ds, span in zip(indexed, ranges, strict=True)]
-    shares = normalized_weights(weights, sizes)
+) -> BlendedDataset:
     description = {
-        "kind": "blend_indices", "paths": [os.path.abspath(ds.prefix) for ds in indexed], "shares": shares,
-        "split": split, "num_samples": num_samples,
+        "kind": "blend_indices", "scheme": INDEX_SCHEME, "paths": [os.path.abspath(ds.prefix) for ds in indexed],
+        "components": [c.description() for c in components], "shares": shares, "split": split, "size": size,
     }
-    arrays = cached_arrays(
-        cache_dir_for(config, indexed[0].prefix), description, ("blend_dataset_idx", "blend_sample_idx"),
-        lambda: dict(zip(("blend_dataset_idx", "blend_sample_idx"), build_blend_indices(shares, num_samples),
-                         strict=True)),
+    longest = max(c.num_indexed_samples for c in components)
+    specs = {
+        "blend_dataset_idx": ArraySpec("int16", (size,), ((0, len(components) - 1),)),
+        "blend_sample_idx": ArraySpec("int64", (size,), ((0, max(longest - 1, 0)),)),
+    }
+    cached = load_or_build(
+        cache_dir_for(config, indexed[0].prefix), description, specs,
+        lambda: dict(zip(specs, build_blend_indices(shares, size), strict=True)),
+        check=blend_consistency(len(components)),
     )
-    counts = np.bincount(arrays["blend_dataset_idx"], minlength=len(indexed))
-    components = [component(i, int(count)) if count > 0 else None for i, count in enumerate(counts)]
-    _report(split, num_samples, options.seq_length, [c for c in components if c is not None])
-    return BlendedDataset(components, arrays["blend_dataset_idx"], arrays["blend_sample_idx"])
+    dataset_index, sample_index = cached.arrays["blend_dataset_idx"], cached.arrays["blend_sample_idx"]
+    counts = np.bincount(dataset_index, minlength=len(components))
+    for count, dataset in zip(counts, components, strict=True):
+        if count > dataset.num_indexed_samples:
+            raise DatasetError(
+                f"the {split} blend takes {count} samples from {dataset.indexed.prefix}, which holds "
+                f"{dataset.num_indexed_samples}: "
+                "Megatron-LM's blend oversamples it; change the weights or the number of samples"
+            )
+    _report(split, target, size, options.seq_length, components, counts)
+    return BlendedDataset(components, dataset_index, sample_index)
 
 
-def _report(split: str, num_samples: int, seq_length: int, datasets: list[GPTDataset]) -> None:
+def _report(split: str, target: int, size: int, seq_length: int, datasets: list[GPTDataset],
+            used: np.ndarray | None = None) -> None:
     sources = ", ".join(
-        f"{ds.indexed.prefix} ({ds.num_samples} samples, documents [{ds.document_range[0]}, "
-        f"{ds.document_range[1]}), {ds.num_samples * seq_length / ds.tokens_per_epoch:.2f} epochs)"
-        for ds in datasets
+        f"{ds.indexed.prefix} ({ds.num_samples if used is None else int(used[i])} samples, documents "
+        f"[{ds.document_range[0]}, {ds.document_range[1]}), {ds.plan.num_epochs} epoch(s), indices {ds.index_source})"
+        for i, ds in enumerate(datasets)
     )
-    print_rank_0(f"> {split} data: {num_samples} samples of {seq_length} tokens from {sources}")
+    print_rank_0(f"> {split} data: {size} samples of {seq_length} tokens ({target} requested) from {sources}")

@@ -355,17 +355,45 @@ def _check_every(every: Any, owner: Any) -> int | None:
     return every
 
 
+_ACCEPTED_CALLBACKS = "a CallbackManager, a Callback, a list of Callbacks, or None"
+
+
 def normalize_callbacks(
     callbacks: CallbackManager | Callback | list[Callback] | None,
 ) -> CallbackManager | None:
-    """Turn what `pretrain(callbacks=...)` accepts into a manager (None stays None)."""
+    """Turn what `pretrain(callbacks=...)` accepts into a manager (None stays None).
+
+    Anything else (a function, a string, a dict, a class instead of an instance, a list holding
+    one of those) raises `ValueError` naming the accepted types: it would register nothing.
+    """
     if callbacks is None:
         return None
     if isinstance(callbacks, CallbackManager):
         return callbacks
+    items = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+    for index, item in enumerate(items):
+        problem = _not_a_callback(item)
+        if problem:
+            from megatron.bridge.utils.errors import UserError  # only when refusing: keeps the import light
+
+            where = f"callbacks[{index}]" if isinstance(callbacks, (list, tuple)) else "callbacks"
+            raise UserError(f"{where}={item!r} is invalid: {problem}; pass {_ACCEPTED_CALLBACKS}")
     manager = CallbackManager()
     manager.add(callbacks)
     return manager
+
+
+def _not_a_callback(item: Any) -> str | None:
+    """Why `item` cannot be registered with `CallbackManager.add`, or None when it can."""
+    if isinstance(item, Callback):
+        return None
+    if isinstance(item, type):
+        return f"a class, not an instance (pass {item.__name__}())"
+    if any(callable(getattr(item, name, None)) for name in VALID_EVENTS):
+        return None  # not a Callback, but it has event methods: add() registers them
+    if callable(item):
+        return "a function, not a Callback: register it with CallbackManager.register(event, fn)"
+    return f"an object of type {type(item).__name__} with no on_* event method"
 
 
 def should_fire(manager: CallbackManager | None, event_name: str) -> bool:

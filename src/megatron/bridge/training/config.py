@@ -14,9 +14,11 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from megatron.bridge.utils.config_fields import KnownFieldsOnly, UnknownFieldError  # noqa: F401 - re-exported
 from megatron.bridge.utils.errors import ConfigError, config_error  # noqa: F401 - re-exported
 
 if TYPE_CHECKING:
@@ -33,10 +35,18 @@ DATALOADER_TYPES = ("single", "cyclic")
 DIST_BACKENDS = ("nccl", "gloo")
 
 
+NUMPY_SEED_LIMIT = 2**32
+"""Seeds must be below this: NumPy's legacy seeding takes 32-bit integers."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not to us
+
+
 def _check_positive(field_name: str, value: Any, *, optional: bool = True) -> None:
     if value is None and optional:
         return
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    if not _is_int(value) or value <= 0:
         allowed = "a positive integer" + (" or None" if optional else "")
         raise config_error(field_name, value, allowed)
 
@@ -46,14 +56,35 @@ def _check_choice(field_name: str, value: Any, choices: tuple[str, ...]) -> None
         raise config_error(field_name, value, f"choose one of {', '.join(choices)}")
 
 
-def _check_fraction(field_name: str, value: float) -> None:
-    if not 0.0 <= value < 1.0:
-        raise config_error(field_name, value, "a probability in [0, 1)")
+def _check_number(field_name: str, value: Any, allowed: str, *, ok: Callable[[float], bool] = lambda _: True,
+                  infinite: bool = False, optional: bool = False) -> None:
+    """Refuse anything but a real number for which `ok` holds: NaN never, infinity only when `infinite`.
+
+    NaN passes no comparison and infinity passes most (`inf > 0`), so both are ruled out first; a string
+    or a bool is not a number either, though `True > 0` holds.
+    """
+    if value is None and optional:
+        return
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if (not is_number or (isinstance(value, float) and math.isnan(value))
+            or (not infinite and isinstance(value, float) and math.isinf(value)) or not ok(value)):
+        raise config_error(field_name, value, allowed)
+
+
+def _check_fraction(field_name: str, value: Any) -> None:
+    _check_number(field_name, value, "a probability in [0, 1)", ok=lambda v: 0.0 <= v < 1.0)
+
+
+def _check_seed(field_name: str, value: Any) -> None:
+    if not _is_int(value) or not 0 <= value < NUMPY_SEED_LIMIT:
+        raise config_error(field_name, value, "an integer in [0, 2**32) (NumPy's seed range)")
 
 
 @dataclass(kw_only=True)
-class TrainingConfig:
+class TrainingConfig(KnownFieldsOnly):
     """How long to train and with which batch sizes."""
+
+    _section = "train"
 
     train_iters: int | None = None
     """Number of optimizer steps to train for."""
@@ -79,15 +110,17 @@ class TrainingConfig:
         _check_positive("train.global_batch_size", self.global_batch_size, optional=False)
         _check_positive("train.micro_batch_size", self.micro_batch_size, optional=False)
         _check_positive("train.exit_interval", self.exit_interval)
-        if self.exit_duration_in_mins is not None and not self.exit_duration_in_mins > 0:
-            raise config_error("train.exit_duration_in_mins", self.exit_duration_in_mins, "a positive number or None")
-        if not isinstance(self.manual_gc_interval, int) or self.manual_gc_interval < 0:
+        _check_number("train.exit_duration_in_mins", self.exit_duration_in_mins, "a positive number or None",
+                      ok=lambda v: v > 0, infinite=True, optional=True)
+        if not _is_int(self.manual_gc_interval) or self.manual_gc_interval < 0:
             raise config_error("train.manual_gc_interval", self.manual_gc_interval, "an integer >= 0")
 
 
 @dataclass(kw_only=True)
-class ValidationConfig:
+class ValidationConfig(KnownFieldsOnly):
     """When and how long to evaluate on the validation split."""
+
+    _section = "validation"
 
     eval_interval: int | None = 1000
     """Validate every this many steps during training (None: only after training)."""
@@ -98,13 +131,15 @@ class ValidationConfig:
 
     def validate(self) -> None:
         _check_positive("validation.eval_interval", self.eval_interval)
-        if not isinstance(self.eval_iters, int) or self.eval_iters < 0:
+        if not _is_int(self.eval_iters) or self.eval_iters < 0:
             raise config_error("validation.eval_iters", self.eval_iters, "an integer >= 0")
 
 
 @dataclass(kw_only=True)
-class OptimizerConfig:
+class OptimizerConfig(KnownFieldsOnly):
     """The optimizer and its hyper-parameters."""
+
+    _section = "optimizer"
 
     optimizer: str = "adam"
     """`adam` (decoupled weight decay, i.e. AdamW) or `sgd`."""
@@ -123,37 +158,48 @@ class OptimizerConfig:
     sgd_momentum: float = 0.9
     """Momentum for `sgd`."""
     clip_grad: float = 1.0
-    """Clip the global gradient norm to this value (0 disables clipping and the norm)."""
+    """Clip the global gradient norm to this value (0: no clipping and no reported norm; inf: report, never clip)."""
     bf16: bool = False
     """Train with bf16 compute (set by `mixed_precision="bf16_mixed"`)."""
     fp16: bool = False
     """Train with fp16 compute and loss scaling (set by `mixed_precision="fp16_mixed"`)."""
+    initial_loss_scale: float = 2.0**16
+    """fp16 only: the dynamic loss scale at the start of training."""
+    min_loss_scale: float = 1.0
+    """fp16 only: the loss scale never backs off below this."""
+    loss_scale_window: int = 2000
+    """fp16 only: steps without overflow after which the loss scale doubles."""
     use_distributed_optimizer: bool = False
     """Shard optimizer state across data-parallel ranks (FSDP2)."""
 
     def validate(self) -> None:
         _check_choice("optimizer.optimizer", self.optimizer, OPTIMIZERS)
-        if not self.lr > 0:
-            raise config_error("optimizer.lr", self.lr, "a positive number")
-        if self.min_lr < 0:
-            raise config_error("optimizer.min_lr", self.min_lr, "a number >= 0")
-        if self.min_lr > self.lr:
-            raise config_error("optimizer.min_lr", self.min_lr, f"at most optimizer.lr={self.lr}")
-        if self.weight_decay < 0:
-            raise config_error("optimizer.weight_decay", self.weight_decay, "a number >= 0")
+        _check_number("optimizer.lr", self.lr, "a finite positive number", ok=lambda v: v > 0)
+        _check_number("optimizer.min_lr", self.min_lr, f"a finite number in [0, optimizer.lr={self.lr}]",
+                      ok=lambda v: 0 <= v <= self.lr)
+        _check_number("optimizer.weight_decay", self.weight_decay, "a finite number >= 0", ok=lambda v: v >= 0)
         _check_fraction("optimizer.adam_beta1", self.adam_beta1)
         _check_fraction("optimizer.adam_beta2", self.adam_beta2)
-        if not self.adam_eps > 0:
-            raise config_error("optimizer.adam_eps", self.adam_eps, "a positive number")
-        if self.clip_grad < 0:
-            raise config_error("optimizer.clip_grad", self.clip_grad, "a number >= 0 (0 disables clipping)")
+        _check_number("optimizer.adam_eps", self.adam_eps, "a finite positive number", ok=lambda v: v > 0)
+        _check_fraction("optimizer.sgd_momentum", self.sgd_momentum)
+        _check_number("optimizer.clip_grad", self.clip_grad,
+                      "a number >= 0 (0 disables clipping, inf measures the norm without clipping)",
+                      ok=lambda v: v >= 0, infinite=True)
         if self.bf16 and self.fp16:
             raise config_error("optimizer.fp16", self.fp16, "False when optimizer.bf16=True (pick one precision)")
+        _check_number("optimizer.initial_loss_scale", self.initial_loss_scale, "a finite positive number",
+                      ok=lambda v: v > 0)
+        _check_number("optimizer.min_loss_scale", self.min_loss_scale,
+                      f"a finite positive number at most optimizer.initial_loss_scale={self.initial_loss_scale}",
+                      ok=lambda v: 0 < v <= self.initial_loss_scale)
+        _check_positive("optimizer.loss_scale_window", self.loss_scale_window, optional=False)
 
 
 @dataclass(kw_only=True)
-class SchedulerConfig:
+class SchedulerConfig(KnownFieldsOnly):
     """Learning-rate warm-up and decay, and the weight-decay schedule."""
+
+    _section = "scheduler"
 
     lr_decay_style: str = "linear"
     """constant, linear, cosine or WSD (warmup-stable-decay)."""
@@ -180,21 +226,21 @@ class SchedulerConfig:
         _check_choice("scheduler.lr_decay_style", self.lr_decay_style, LR_DECAY_STYLES)
         _check_choice("scheduler.lr_wsd_decay_style", self.lr_wsd_decay_style, WSD_DECAY_STYLES)
         _check_choice("scheduler.weight_decay_incr_style", self.weight_decay_incr_style, WEIGHT_DECAY_INCR_STYLES)
-        if not isinstance(self.lr_warmup_iters, int) or self.lr_warmup_iters < 0:
+        if not _is_int(self.lr_warmup_iters) or self.lr_warmup_iters < 0:
             raise config_error("scheduler.lr_warmup_iters", self.lr_warmup_iters, "an integer >= 0")
-        if self.lr_warmup_init < 0:
-            raise config_error("scheduler.lr_warmup_init", self.lr_warmup_init, "a number >= 0")
+        _check_number("scheduler.lr_warmup_init", self.lr_warmup_init, "a finite number >= 0", ok=lambda v: v >= 0)
         _check_positive("scheduler.lr_decay_iters", self.lr_decay_iters)
         _check_positive("scheduler.lr_wsd_decay_iters", self.lr_wsd_decay_iters)
         for name in ("start_weight_decay", "end_weight_decay"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise config_error(f"scheduler.{name}", value, "a number >= 0 or None")
+            _check_number(f"scheduler.{name}", getattr(self, name), "a finite number >= 0 or None",
+                          ok=lambda v: v >= 0, optional=True)
 
 
 @dataclass(kw_only=True)
-class GPTDatasetConfig:
+class GPTDatasetConfig(KnownFieldsOnly):
     """Where training samples come from; with no `blend` and no `data_path`, seeded mock data."""
+
+    _section = "dataset"
 
     seq_length: int = 4096
     """Tokens per sample; must equal `model.seq_length`."""
@@ -237,16 +283,17 @@ class GPTDatasetConfig:
             values = [float(p) for p in parts]
         except ValueError:
             values = []
-        if len(values) not in (1, 2, 3) or any(v < 0 or math.isnan(v) for v in values) or sum(values) <= 0:
-            raise config_error("dataset.split", self.split, 'up to three non-negative numbers, e.g. "969,30,1"')
+        if len(values) not in (1, 2, 3) or not all(math.isfinite(v) and v >= 0 for v in values) or sum(values) <= 0:
+            raise config_error("dataset.split", self.split, 'up to three finite numbers >= 0, e.g. "969,30,1"')
         values += [0.0] * (3 - len(values))
         total = sum(values)
         return values[0] / total, values[1] / total, values[2] / total
 
     def validate(self) -> None:
         _check_positive("dataset.seq_length", self.seq_length, optional=False)
+        _check_seed("dataset.random_seed", self.random_seed)
         _check_choice("dataset.dataloader_type", self.dataloader_type, DATALOADER_TYPES)
-        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+        if not _is_int(self.num_workers) or self.num_workers < 0:
             raise config_error("dataset.num_workers", self.num_workers, "an integer >= 0")
         self.split_weights()
         if not self.uses_mock_data:
@@ -267,8 +314,10 @@ class MockGPTDatasetConfig(GPTDatasetConfig):
 
 
 @dataclass(kw_only=True)
-class TokenizerConfig:
+class TokenizerConfig(KnownFieldsOnly):
     """Which tokenizer turns text into ids; the model's vocabulary follows its size."""
+
+    _section = "tokenizer"
 
     tokenizer_type: str = "NullTokenizer"
     """NullTokenizer (the data holds ids; end of document = vocab_size - 1) or HuggingFaceTokenizer."""
@@ -280,7 +329,10 @@ class TokenizerConfig:
     def validate(self) -> None:
         _check_choice("tokenizer.tokenizer_type", self.tokenizer_type, TOKENIZER_TYPES)
         if self.tokenizer_type == "NullTokenizer":
-            _check_positive("tokenizer.vocab_size", self.vocab_size, optional=False)
+            # The last id is the end-of-document token, so one id leaves no room for any data.
+            if not _is_int(self.vocab_size) or self.vocab_size < 2:
+                raise config_error("tokenizer.vocab_size", self.vocab_size,
+                                   "an integer >= 2 (NullTokenizer: the last id is the end-of-document token)")
             return
         _check_positive("tokenizer.vocab_size", self.vocab_size)
         if not self.tokenizer_model:
@@ -292,8 +344,10 @@ class TokenizerConfig:
 
 
 @dataclass(kw_only=True)
-class CheckpointConfig:
+class CheckpointConfig(KnownFieldsOnly):
     """Where and how often to save, and what to load at start."""
+
+    _section = "checkpoint"
 
     save: str | None = None
     """Directory to save checkpoints into (None: never save)."""
@@ -323,13 +377,15 @@ class CheckpointConfig:
     def validate(self) -> None:
         _check_positive("checkpoint.save_interval", self.save_interval)
         _check_choice("checkpoint.ckpt_format", self.ckpt_format, CKPT_FORMATS)
-        if not isinstance(self.most_recent_k, int) or self.most_recent_k == 0 or self.most_recent_k < -1:
+        if not _is_int(self.most_recent_k) or self.most_recent_k == 0 or self.most_recent_k < -1:
             raise config_error("checkpoint.most_recent_k", self.most_recent_k, "-1 (keep all) or a positive integer")
 
 
 @dataclass(kw_only=True)
-class LoggerConfig:
+class LoggerConfig(KnownFieldsOnly):
     """Console, TensorBoard and Weights & Biases logging."""
+
+    _section = "logger"
 
     log_interval: int = 100
     """Print a log line every this many steps."""
@@ -352,29 +408,31 @@ class LoggerConfig:
 
     def validate(self) -> None:
         _check_positive("logger.log_interval", self.log_interval, optional=False)
-        if not 0.0 < self.callback_time_warning_share <= 1.0:
-            raise config_error("logger.callback_time_warning_share", self.callback_time_warning_share,
-                               "a share of the step time in (0, 1]")
+        _check_number("logger.callback_time_warning_share", self.callback_time_warning_share,
+                      "a share of the step time in (0, 1]", ok=lambda v: 0.0 < v <= 1.0)
         if self.wandb_project and importlib.util.find_spec("wandb") is None:
             raise config_error("logger.wandb_project", self.wandb_project,
                                "None, or install wandb first: pip install 'megatron-bridge-lite[wandb]'")
 
 
 @dataclass(kw_only=True)
-class RNGConfig:
+class RNGConfig(KnownFieldsOnly):
     """Random seeds."""
+
+    _section = "rng"
 
     seed: int = 1234
     """Seed for Python, NumPy and torch (model initialisation, dropout)."""
 
     def validate(self) -> None:
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise config_error("rng.seed", self.seed, "an integer >= 0")
+        _check_seed("rng.seed", self.seed)
 
 
 @dataclass(kw_only=True)
-class DistributedDataParallelConfig:
+class DistributedDataParallelConfig(KnownFieldsOnly):
     """How gradients are reduced across data-parallel ranks."""
+
+    _section = "ddp"
 
     grad_reduce_in_fp32: bool = False
     """Reduce gradients in fp32 even when training in bf16/fp16."""
@@ -390,8 +448,10 @@ class DistributedDataParallelConfig:
 
 
 @dataclass(kw_only=True)
-class DistributedInitConfig:
+class DistributedInitConfig(KnownFieldsOnly):
     """How the process group is created."""
+
+    _section = "dist"
 
     distributed_backend: str | None = None
     """nccl or gloo (None: nccl on GPU, gloo on CPU)."""
@@ -405,8 +465,10 @@ class DistributedInitConfig:
 
 
 @dataclass(kw_only=True)
-class ConfigContainer:
+class ConfigContainer(KnownFieldsOnly):
     """Everything a run needs; `pretrain` validates it before any work starts."""
+
+    _section = ""
 
     model: GPTModelProvider
     train: TrainingConfig
@@ -444,12 +506,30 @@ class ConfigContainer:
                 )
         if not self.validation.skip_train and self.train.train_iters is None:
             raise config_error("train.train_iters", None, "a positive integer (or set validation.skip_train=True)")
-        decay_iters = self.scheduler.lr_decay_iters or self.train.train_iters
-        if decay_iters is not None and self.scheduler.lr_warmup_iters > decay_iters:
+        self._validate_schedule()
+
+    def _validate_schedule(self) -> None:
+        # Everything the scheduler itself would refuse, checked here so that the message names config keys.
+        scheduler = self.scheduler
+        decay_iters = scheduler.lr_decay_iters or self.train.train_iters
+        if decay_iters is not None and scheduler.lr_warmup_iters > decay_iters:
             raise config_error(
-                "scheduler.lr_warmup_iters", self.scheduler.lr_warmup_iters,
+                "scheduler.lr_warmup_iters", scheduler.lr_warmup_iters,
                 f"at most the decay span ({decay_iters} steps)",
             )
+        if scheduler.weight_decay_incr_style != "constant":
+            return
+        start, end = scheduler.start_weight_decay, scheduler.end_weight_decay
+        base = self.optimizer.weight_decay
+        constant = "with scheduler.weight_decay_incr_style='constant' (or choose 'linear' or 'cosine')"
+        if end is not None and end != (base if start is None else start):
+            source = "optimizer.weight_decay" if start is None else "scheduler.start_weight_decay"
+            raise config_error("scheduler.end_weight_decay", end,
+                               f"equal to {source}={base if start is None else start} {constant}")
+        if end is None and start is not None and start != base:
+            raise config_error("scheduler.start_weight_decay", start,
+                               f"equal to optimizer.weight_decay={base} (the end while scheduler.end_weight_decay "
+                               f"is None) {constant}")
 
     def _validate_precision(self) -> None:
         if self.mixed_precision is None:

@@ -6,6 +6,10 @@ Two kinds of stop:
 - requested stops (`state.request_stop(reason)` from a callback): a normal end that saves and
   fires `on_train_end`.
 
+With `exit_signal_handler`, `pretrain` catches signals from the start of training until the
+post-training validation and test passes end: a signal during those passes (or the final save)
+lets the pass under way finish, skips the rest, and `pretrain` returns normally.
+
 Callbacks may also request a checkpoint or a validation pass. Every rank must take the same
 decision at the same step or the ranks deadlock, so the local flags of all ranks are combined
 with one small all-reduce per step on a CPU group (no wait for the GPU), done only when something
@@ -49,10 +53,68 @@ class StepDecision:
         return bool(self.stop_reason or self.checkpoint_reason or self.validation_reason)
 
 
+class SignalCatcher:
+    """While in `with`, SIGTERM and SIGINT are recorded (`received`) instead of ending the process.
+
+    Only when `enabled` and on the main thread (Python lets only the main thread install handlers);
+    elsewhere signals keep their handlers. A catcher entered while another one is installed shares
+    the outer one's record instead of installing its own, so nothing received in between is lost.
+    """
+
+    def __init__(self, enabled: bool, *, timeout: datetime.timedelta | None = None) -> None:
+        self.enabled = enabled
+        self.timeout = timeout
+        """How long `received_on_any_rank` may wait for the other ranks (None: gloo's default)."""
+        self._received: int | None = None
+        self._outer: SignalCatcher | None = None
+        self._previous_handlers: dict[int, object] = {}
+        self._group: dist.ProcessGroup | None = None
+
+    @property
+    def received(self) -> int | None:
+        """The last signal caught, if any."""
+        return self._outer.received if self._outer is not None else self._received
+
+    def __enter__(self) -> SignalCatcher:
+        if not (self.enabled and threading.current_thread() is threading.main_thread()):
+            return self
+        current = getattr(signal.getsignal(_SIGNALS[0]), "__self__", None)
+        if isinstance(current, SignalCatcher):
+            self._outer = current
+            return self
+        for sig in _SIGNALS:
+            self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)
+        self._previous_handlers.clear()
+        self._outer = None
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._received = signum
+
+    def received_on_any_rank(self) -> str | None:
+        """"received SIGTERM" (or SIGINT) when this rank caught a signal, a note when another did, else None.
+
+        A collective when `enabled` in a world of several ranks: every rank must call it at the same point.
+        """
+        local = self.received
+        if self.enabled and dist.is_initialized() and dist.get_world_size() > 1:
+            if self._group is None:
+                self._group = dist.new_group(backend="gloo", **({"timeout": self.timeout} if self.timeout else {}))
+            flag = torch.tensor([float(local is not None)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+            if flag.item() and local is None:
+                return "another rank received a signal"
+        return None if local is None else f"received {signal.Signals(local).name}"
+
+
 class ExitConditions:
     """Decides, once per step and identically on every rank, whether to stop, save or validate.
 
-    A context manager that owns the signal handlers while training runs.
+    A context manager that catches signals while training runs (see `SignalCatcher`).
     """
 
     def __init__(self, config: TrainingConfig, *, start_time: float, requests_possible: bool,
@@ -63,17 +125,14 @@ class ExitConditions:
         """False when no callback is registered: nobody can make a request, so there is nothing to combine."""
         self.timeout = timeout
         """How long the per-step combination may wait for the other ranks (None: gloo's default)."""
-        self._signal_received: int | None = None
-        self._previous_handlers: dict[int, object] = {}
+        self._signals = SignalCatcher(config.exit_signal_handler)
         self._group: dist.ProcessGroup | None = None
 
     def __enter__(self) -> ExitConditions:
         # Python only lets the main thread install handlers; elsewhere signals keep their default.
         handle_signals = self.config.exit_signal_handler and threading.current_thread() is threading.main_thread()
         self._group = self._combining_group(handle_signals)
-        if handle_signals:
-            for sig in _SIGNALS:
-                self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
+        self._signals.__enter__()
         return self
 
     def _combining_group(self, handle_signals: bool) -> dist.ProcessGroup | None:
@@ -92,12 +151,7 @@ class ExitConditions:
         return group if needed.item() else None
 
     def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous_handlers.items():
-            signal.signal(sig, handler)
-        self._previous_handlers.clear()
-
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self._signal_received = signum
+        self._signals.__exit__(*exc)
 
     def check(self, step: int, requests: RunRequests) -> StepDecision:
         """Combine this rank's conditions and requests with every other rank's; clear the requests."""
@@ -109,7 +163,7 @@ class ExitConditions:
         duration = self.config.exit_duration_in_mins
         minutes = (time.time() - self.start_time) / 60.0
         flags = self._combine([float(duration is not None and minutes > duration),
-                               float(self._signal_received is not None),
+                               float(self._signals.received is not None),
                                *(float(reason is not None) for reason in own.values())])
         asked = {what: own[what] or ("asked on another rank" if flag else None)
                  for what, flag in zip(own, flags[2:], strict=True)}
@@ -124,7 +178,7 @@ class ExitConditions:
         if flags[0]:
             return f"exit_duration_in_mins={self.config.exit_duration_in_mins} exceeded ({minutes:.1f} min)"
         if flags[1]:
-            received = self._signal_received
+            received = self._signals.received
             return f"received {signal.Signals(received).name}" if received else "another rank received a signal"
         return None
 

@@ -22,6 +22,7 @@ import torch
 
 from megatron.bridge.training.callbacks import CallbackManager
 from megatron.bridge.training.distributed import print_rank_0
+from megatron.bridge.training.mixed_precision import MixedPrecision
 from megatron.bridge.training.state import GlobalState
 from megatron.bridge.training.step_ledger import StepOutcome
 
@@ -74,9 +75,12 @@ class MetricsLogger:
     """Prints a Megatron-style line every `log_interval` steps and writes the same scalars."""
 
     def __init__(self, state: GlobalState, *, flops_per_token: float, world_size: int,
-                 device: torch.device, callbacks: CallbackManager | None = None) -> None:
+                 device: torch.device, callbacks: CallbackManager | None = None,
+                 precision: MixedPrecision | None = None) -> None:
         self.state = state
         self.callbacks = callbacks
+        self.precision = precision
+        """Where the log line reads the loss scale (None: 1.0)."""
         self._warned: set[str] = set()
         self.flops_per_token = flops_per_token
         self.world_size = world_size
@@ -87,6 +91,7 @@ class MetricsLogger:
         # Sums stay on the device (no waiting per step), in constant memory however long the window.
         self._loss_sums: dict[str, torch.Tensor] = {}
         self._skipped: torch.Tensor | float = 0.0
+        self._overflows = 0
         self._steps = 0
         self._tokens = 0
         self._window_start = time.perf_counter()
@@ -109,6 +114,7 @@ class MetricsLogger:
             self._loss_sums[name] = self._loss_sums.get(name, 0.0) + value
         if found_inf is not None:
             self._skipped = self._skipped + found_inf
+        self._overflows += result.outcome.overflow
         step = self.state.train_state.step
         if self.is_due(step):
             self._log(step, result, learning_rate)
@@ -134,11 +140,15 @@ class MetricsLogger:
             f"global batch size: {cfg.train.global_batch_size:5d}",
             *(f"{name}: {value:.6E}" for name, value in losses.items()),
         ]
+        loss_scale = 1.0 if self.precision is None else self.precision.loss_scale
+        parts.append(f"loss scale: {loss_scale:.1f}")
+        scalars["loss-scale"] = loss_scale
         if result.grad_norm is not None:
             parts.append(f"grad norm: {result.grad_norm:.3f}")
             scalars["grad-norm"] = result.grad_norm
-        # Only a non-finite gradient norm skips a step, so every skipped iteration is a nan iteration.
-        parts += [f"number of skipped iterations: {skipped:3d}", f"number of nan iterations: {skipped:3d}"]
+        # Only a non-finite gradient norm skips a step; it is a nan iteration unless the loss scale overflowed.
+        nan_iterations = skipped - self._overflows
+        parts += [f"number of skipped iterations: {skipped:3d}", f"number of nan iterations: {nan_iterations:3d}"]
         if cfg.logger.log_throughput:
             parts += [f"tokens per second per device: {tokens_per_s:.0f}",
                       f"throughput per device (TFLOP/s): {tflops:.3f}"]

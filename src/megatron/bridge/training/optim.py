@@ -2,7 +2,7 @@
 
 `setup_optimizer` turns `OptimizerConfig` and `SchedulerConfig` into a `torch.optim` optimizer with two
 parameter groups (decay and no-decay) and an `OptimizerParamScheduler` that owns the learning rate and
-weight decay of every group. `get_grad_norm_and_clip` computes the global gradient norm and clips it
+weight decay of every group. `get_grad_norm` computes the global gradient norm and clips the gradients
 without synchronising with the host.
 
 Everything counts in optimizer steps (iterations), as in Megatron.
@@ -25,7 +25,7 @@ from megatron.bridge.training.config import (
     SchedulerConfig,
 )
 
-__all__ = ["OptimizerParamScheduler", "get_grad_norm_and_clip", "setup_optimizer"]
+__all__ = ["OptimizerParamScheduler", "get_grad_norm", "get_grad_norm_and_clip", "setup_optimizer"]
 
 # Each maps the fraction r in [0, 1] of a decay phase to the share of (max_lr - min_lr) still left:
 # 1 at r=0, 0 at r=1.
@@ -311,18 +311,16 @@ def _grads_by_device(model_chunks: Iterable[nn.Module]) -> dict[torch.device, li
     return grads
 
 
-def get_grad_norm_and_clip(model_chunks: Iterable[nn.Module], clip_grad: float) -> torch.Tensor | None:
-    """Return the global L2 norm of all gradients before clipping, and clip them to `clip_grad`.
+def get_grad_norm(model_chunks: Iterable[nn.Module], *, clip_grad: float = 0.0) -> torch.Tensor:
+    """Return the global L2 norm of all gradients before clipping; with `clip_grad > 0` also clip them to it.
 
     The norm is an fp32 0-dim tensor over every parameter's gradient (shared parameters counted once,
     missing gradients skipped); it stays on the device so nothing waits for the host, and the caller
     decides when to read it. Gradients are scaled by `clip_grad / (norm + 1e-6)` clamped to at most 1
-    (so a norm under `clip_grad` leaves them unchanged). A non-finite norm leaves the gradients NaN or
-    zero: the caller must then skip the optimizer step and zero them. Returns None, touching nothing,
-    when `clip_grad` is 0. Sharded (DTensor) gradients give the norm over all shards.
+    (so a norm under `clip_grad` leaves them unchanged); `clip_grad` 0 or inf leaves them untouched. A
+    non-finite norm may leave the gradients NaN or zero: the caller must then skip the optimizer step.
+    Sharded (DTensor) gradients give the norm over all shards.
     """
-    if clip_grad <= 0:
-        return None
     grads = _grads_by_device(model_chunks)
     if not grads:
         return torch.zeros((), dtype=torch.float32)
@@ -332,10 +330,22 @@ def get_grad_norm_and_clip(model_chunks: Iterable[nn.Module], clip_grad: float) 
     for group in grads.values():
         norms.extend(n.to(norm_device) for n in torch._foreach_norm(group, 2.0, dtype=torch.float32))
     total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
-    scale = torch.clamp(clip_grad / (total + 1e-6), max=1.0)
-    for device, group in grads.items():
-        torch._foreach_mul_(group, scale.to(device))
+    if 0 < clip_grad < math.inf:
+        scale = torch.clamp(clip_grad / (total + 1e-6), max=1.0)
+        for device, group in grads.items():
+            torch._foreach_mul_(group, scale.to(device))
     # A DTensor norm holds per-rank partial results; full_tensor() reduces them (a collective, no sync).
     if hasattr(total, "full_tensor"):
         total = total.full_tensor()
     return total
+
+
+def get_grad_norm_and_clip(model_chunks: Iterable[nn.Module], clip_grad: float) -> torch.Tensor | None:
+    """`get_grad_norm(model_chunks, clip_grad=clip_grad)`, but None, touching nothing, when `clip_grad` is 0.
+
+    Megatron's convention: without clipping there is no gradient norm. The training loop measures the
+    norm anyway (`get_grad_norm`), to skip non-finite updates, and reports None to callbacks.
+    """
+    if clip_grad <= 0:
+        return None
+    return get_grad_norm(model_chunks, clip_grad=clip_grad)

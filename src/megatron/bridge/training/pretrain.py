@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import gc
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +27,7 @@ def pretrain(
     """
     from megatron.bridge.training import distributed
     from megatron.bridge.training.eval import evaluate
+    from megatron.bridge.training.exit_conditions import SignalCatcher
     from megatron.bridge.training.forward_backward import adapt_forward_step
     from megatron.bridge.training.setup import setup
     from megatron.bridge.training.train import train
@@ -39,12 +41,16 @@ def pretrain(
     run = None
     try:
         run = setup(state, forward_step, manager, dist_ctx)
-        completed = True
-        if not config.validation.skip_train:
-            completed = train(run)
-        if completed:
-            evaluate(run, "eval")
-            evaluate(run, "test")
+        timeout = datetime.timedelta(minutes=config.dist.distributed_timeout_minutes)
+        with SignalCatcher(config.train.exit_signal_handler, timeout=timeout) as signals:
+            completed = config.validation.skip_train or train(run)
+            for mode in ("eval", "test") if completed else ():
+                received = signals.received_on_any_rank()
+                if received:
+                    skipped = "validation and test passes" if mode == "eval" else "test pass"
+                    distributed.print_rank_0(f"> {received}: skipping the post-training {skipped}")
+                    break
+                evaluate(run, mode)
     finally:
         if run is not None:
             run.checkpointer.close()

@@ -63,7 +63,9 @@ def setup(state: GlobalState, forward_step: ForwardStep, callbacks: CallbackMana
     # With skip_train there may be no train_iters: the schedule is never stepped but must still be valid.
     schedule_span = cfg.train.train_iters or max(cfg.scheduler.lr_warmup_iters, 1)
     optimizer, scheduler = setup_optimizer(cfg.optimizer, cfg.scheduler, model, train_iters=schedule_span)
-    precision = MixedPrecision(cfg.compute_dtype, dist_ctx.device)
+    precision = MixedPrecision(cfg.compute_dtype, dist_ctx.device, initial_loss_scale=cfg.optimizer.initial_loss_scale,
+                               min_loss_scale=cfg.optimizer.min_loss_scale,
+                               loss_scale_window=cfg.optimizer.loss_scale_window)
     checkpointer = CheckpointManager(cfg.checkpoint, state=state, callbacks=callbacks, model=model,
                                      optimizer=optimizer, scheduler=scheduler, precision=precision)
     checkpointer.load()
@@ -76,7 +78,7 @@ def setup(state: GlobalState, forward_step: ForwardStep, callbacks: CallbackMana
 
     num_microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dist_ctx.world_size)
     metrics = MetricsLogger(state, flops_per_token=flops, world_size=dist_ctx.world_size, device=dist_ctx.device,
-                            callbacks=callbacks)
+                            callbacks=callbacks, precision=precision)
     print_rank_0(f"{description}, {num_microbatches} micro-batches of {cfg.train.micro_batch_size} per rank")
     return SetupOutput(
         state=state, model=model, optimizer=optimizer, scheduler=scheduler, forward_step=forward_step,

@@ -15,6 +15,11 @@ Between a skipped step and the next read, the learning rate is ahead of the exac
 number of skipped steps (with `logger.log_interval=1` there is no such window). Without a fused
 optimizer (SGD, fp16 loss scaling, unfused Adam on CPUs) the host reads each step's outcome right
 away: free on a CPU, one wait per step on a GPU.
+
+The norm is measured on every step, clipping or not: `optimizer.clip_grad=0` turns off clipping
+and the reported norm (callbacks get `grad_norm=None`, as in Megatron), never the skip of a
+non-finite update. Under fp16 loss scaling a skipped step may be an overflow of the loss scale
+(`StepOutcome.overflow`): it is counted as skipped but is no error for `check_for_nan_in_grad`.
 """
 
 from __future__ import annotations
@@ -31,26 +36,36 @@ from megatron.bridge.training.state import TrainState
 class StepOutcome:
     """One step's gradient norm and whether its update was skipped; on the device until read."""
 
-    def __init__(self, iteration: int, grad_norm: torch.Tensor | None) -> None:
+    def __init__(self, iteration: int, grad_norm: torch.Tensor | None, *, reports_norm: bool = True) -> None:
         self.iteration = iteration
         """The 1-based iteration this step completes."""
         self.norm_on_device = grad_norm
+        self.reports_norm = reports_norm
+        """False when the norm is measured only to find non-finite gradients (`optimizer.clip_grad=0`)."""
         self.found_inf = None if grad_norm is None else (~torch.isfinite(grad_norm)).float()
         """1.0 on the device when the norm is not finite (the update must be skipped), else 0.0."""
+        self.overflow = False
+        """True for a skipped step that a loss-scale overflow explains (fp16): counted, never an error."""
         self._host_norm: float | None = None
         self.is_read = grad_norm is None
 
     @property
-    def grad_norm(self) -> float | None:
-        """The total norm before clipping as a Python float (None when clipping is off)."""
+    def measured_norm(self) -> float | None:
+        """The total norm before clipping as a Python float, reported or not (None when none was measured)."""
         if not self.is_read:
             self.set_read(read_from_device([self.norm_on_device])[0])
         return self._host_norm
 
     @property
+    def grad_norm(self) -> float | None:
+        """The total norm before clipping as a Python float (None when clipping is off: none is reported)."""
+        norm = self.measured_norm
+        return norm if self.reports_norm else None
+
+    @property
     def skipped(self) -> bool:
         """True when the update was not applied: the gradient norm was not finite."""
-        norm = self.grad_norm
+        norm = self.measured_norm
         return norm is not None and not math.isfinite(norm)
 
     def set_read(self, value: float) -> None:
@@ -119,11 +134,11 @@ class StepLedger:
         """Count a step whose update has been queued; settle it now unless reads are deferred."""
         self.scheduler.step(1)
         if outcome.found_inf is None:
-            return  # no norm (clipping off): nothing can be skipped
+            return  # no norm measured: nothing can be skipped
         if self.deferred:
             self._pending.add(outcome)
         elif outcome.skipped:  # read right away: free on a CPU
-            self._account(1, outcome.iteration, outcome.grad_norm)
+            self._account(1, outcome.iteration, outcome.measured_norm, overflow=outcome.overflow)
 
     def settle(self, *, check: bool = True) -> None:
         """Read the pending steps' totals (one wait for the device), account for skipped ones, then `check()`."""
@@ -136,15 +151,19 @@ class StepLedger:
             self.check()
 
     def check(self) -> None:
-        """Raise for a non-finite gradient norm found so far when `ddp.check_for_nan_in_grad` is set."""
+        """Raise for a non-finite gradient norm found so far when `ddp.check_for_nan_in_grad` is set.
+
+        Loss-scale overflows (fp16) never raise: the scaler backs off and training goes on.
+        """
         if self._error is not None:
             message, self._error = self._error, None
             raise RuntimeError(message)
 
-    def _account(self, skipped: int, first_iteration: int, first_norm: float) -> None:
+    def _account(self, skipped: int, first_iteration: int, first_norm: float, *, overflow: bool = False) -> None:
+        # A loss-scale overflow is skipped and counted like any non-finite step, but is no NaN to report.
         self.train_state.skipped_train_samples += self.global_batch_size * skipped
         self.scheduler.step(-skipped)
-        if self.raise_on_nan and self._error is None:
+        if self.raise_on_nan and not overflow and self._error is None:
             self._error = (
                 f"gradient norm is {first_norm} at iteration {first_iteration} "
                 "(ddp.check_for_nan_in_grad=True; set it to False to skip such updates instead)"

@@ -15,7 +15,7 @@ from megatron.bridge.training.eval import evaluate
 from megatron.bridge.training.exit_conditions import ExitConditions, StepDecision
 from megatron.bridge.training.forward_backward import run_microbatches
 from megatron.bridge.training.metrics import StepResult
-from megatron.bridge.training.optim import get_grad_norm_and_clip
+from megatron.bridge.training.optim import get_grad_norm
 from megatron.bridge.training.setup import SetupOutput
 from megatron.bridge.training.step_ledger import StepOutcome
 
@@ -89,12 +89,20 @@ def train_step(run: SetupOutput) -> StepResult:
     run.precision.unscale_(optimizer)
     # DDP and FSDP average gradients over ranks; the loss must be averaged over tokens instead.
     _divide_grads(run.model, report.num_tokens / run.dist.world_size)
-    norm = get_grad_norm_and_clip(run.model, cfg.optimizer.clip_grad)
-    outcome = StepOutcome(iteration=run.state.train_state.step + 1, grad_norm=norm)
-    # A fused optimizer skips a non-finite update on the device; others need the decision on the host now.
-    run.precision.step(optimizer, skip=outcome.found_inf if run.ledger.deferred else outcome.skipped)
+    # The norm is measured even without clipping: a non-finite update is skipped whatever clip_grad is.
+    clip_grad = cfg.optimizer.clip_grad
+    norm = get_grad_norm(run.model, clip_grad=clip_grad)
+    outcome = StepOutcome(iteration=run.state.train_state.step + 1, grad_norm=norm, reports_norm=clip_grad > 0)
+    loss_dict = report.means()
+    if run.ledger.deferred:
+        # A fused optimizer skips a non-finite update on the device: the host does not wait for the norm.
+        run.precision.step(optimizer, skip=outcome.found_inf)
+    else:
+        # Decided before step(), which backs the loss scale off.
+        outcome.overflow = outcome.skipped and run.precision.overflowed(loss_dict)
+        run.precision.step(optimizer, skip=outcome.skipped)
     run.ledger.record(outcome)
-    return StepResult(loss_dict=report.means(), outcome=outcome,
+    return StepResult(loss_dict=loss_dict, outcome=outcome,
                       num_tokens=cfg.train.global_batch_size * cfg.model.seq_length)
 
 

@@ -1,0 +1,251 @@
+"""Self-attention for the decoder: rotary embeddings, which keys a query may see, and the kernel that runs it.
+
+Masks are described once per forward pass by an `AttentionMask` (sequence length, optional sliding
+window, optional explicit mask from the data) and turned, once per distinct window, into what the
+attention kernel takes (a `LayerMask`):
+
+| layer                                  | `LayerMask`        | kernel                                        |
+| -------------------------------------- | ------------------ | --------------------------------------------- |
+| full causal, or a window >= the sequence | `None`           | SDPA `is_causal=True` (flash on GPUs)         |
+| windowed, on CUDA                      | `BlockMask`        | `torch.compile(flex_attention)`, block-sparse |
+| windowed elsewhere, or any explicit mask | boolean `Tensor` | SDPA with the mask (True = may attend)        |
+
+FlexAttention is the GPU kernel because SDPA has no window argument: its flash backend takes no mask at
+all, so a windowed SDPA call on a GPU would need a dense `[seq, seq]` mask. FlexAttention has no
+backward on the CPU, so CPU training uses SDPA with a boolean band mask.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+from megatron.bridge.models.norms import build_norm
+
+if TYPE_CHECKING:
+    from megatron.bridge.models.gpt_provider import GPTModelProvider
+
+# Flash attention handles grouped k/v natively from torch 2.5 on; older versions need k/v repeated.
+_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+LayerMask = torch.Tensor | BlockMask | None
+"""What one layer's attention kernel is given: None (plain causal), a boolean `Tensor` broadcastable to
+`[batch, heads, seq, seq]` with True where a query may attend (SDPA), or a FlexAttention `BlockMask`."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rotary position embeddings
+
+
+def llama3_scaled_frequencies(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
+    """Llama 3.1's long-context rotary frequencies (`rope_scaling` with `rope_type="llama3"`).
+
+    With `L = original_max_position_embeddings`, a frequency whose wavelength is shorter than
+    `L / high_freq_factor` is kept, one longer than `L / low_freq_factor` is divided by `factor`, and
+    the ones in between move linearly (in `L / wavelength`) from divided to kept.
+    """
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    periods_in_context = scaling["original_max_position_embeddings"] * inv_freq / (2 * math.pi)
+    # 0 for long wavelengths (fully scaled), 1 for short ones (unchanged), linear in between.
+    keep = ((periods_in_context - low) / (high - low)).clamp(0.0, 1.0)
+    return inv_freq * ((1.0 - keep) / factor + keep)
+
+
+def rotary_cos_sin(
+    position_ids: torch.Tensor, head_dim: int, base: float, scaling: dict[str, Any] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine and sine tables `[batch, 1, seq, head_dim]` (float32) for the given position ids.
+
+    `scaling` is the provider's `rope_scaling` (None: plain RoPE; `llama3`; or `linear`, which divides
+    every frequency by `factor`). Frequencies are recomputed each call rather than cached in a buffer:
+    it costs `head_dim / 2` values and keeps the model free of buffers that meta-device construction
+    or checkpoint loading must fill.
+    """
+    exponents = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim
+    inv_freq = 1.0 / (base**exponents)
+    if scaling is not None and scaling["rope_type"] == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif scaling is not None:
+        inv_freq = llama3_scaled_frequencies(inv_freq, scaling)
+    angles = position_ids.float().unsqueeze(-1) * inv_freq  # [b, s, head_dim / 2]
+    # Rotate-half layout (as in HF Llama/Qwen2): both halves of the head share one frequency table.
+    angles = torch.cat((angles, angles), dim=-1).unsqueeze(1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x` `[batch, heads, seq, head_dim]` by the angles behind `cos`/`sin`."""
+    first, second = x.chunk(2, dim=-1)
+    rotated_half = torch.cat((-second, first), dim=-1)
+    return x * cos.to(x.dtype) + rotated_half * sin.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Which keys a query may see
+
+
+@dataclass(frozen=True)
+class AttentionMask:
+    """Which keys each query may see in one forward pass; `GPTModel.forward` builds one and asks it per window.
+
+    A query at position `i` sees key `j` when `j <= i`, and, in a layer with window `left`, `i - j <= left`
+    (Megatron's inclusive `(left, 0)`: `left + 1` keys, the query's own included), and the explicit mask,
+    if any, does not hide it. Packed sequences will add per-token document ids here (a query then also
+    needs `doc[j] == doc[i]`: a FlexAttention document mask on GPUs, a block-diagonal mask elsewhere);
+    layers only ever see the `LayerMask` this object hands out.
+    """
+
+    seq_length: int
+    """Tokens per sequence (queries and keys alike)."""
+    device: torch.device
+    """Device of the activations (and so of every mask handed out)."""
+    hidden: torch.Tensor | None = None
+    """The data's explicit mask (`reset_attention_mask`): boolean `[batch, 1, seq, seq]`, True = must not
+    attend (Megatron's convention). It already holds causality; None: plain causal."""
+    block_sparse: bool = False
+    """Hand windowed layers a FlexAttention `BlockMask` instead of a dense band (on by default on CUDA)."""
+
+    def for_window(self, window_left: int | None) -> LayerMask:
+        """The mask for layers with window `(window_left, 0)` (None: full causal); see the module table."""
+        windowed = window_left is not None and self.seq_length > window_left + 1
+        if self.hidden is None and not windowed:
+            return None
+        if self.hidden is None and self.block_sparse:
+            return sliding_window_block_mask(self.seq_length, window_left, self.device)
+        # SDPA's boolean mask marks positions that take part, the opposite of Megatron's.
+        allowed = None if self.hidden is None else ~self.hidden
+        if windowed:
+            band = causal_band(self.seq_length, window_left, self.device)
+            allowed = band if allowed is None else allowed & band
+        return allowed
+
+
+def causal_band(seq_length: int, window_left: int, device: torch.device) -> torch.Tensor:
+    """Boolean `[seq, seq]`: True where key `j` is within `window_left` positions before query `i` (or is `i`)."""
+    positions = torch.arange(seq_length, device=device)
+    behind = positions[:, None] - positions[None, :]  # i - j
+    return (behind >= 0) & (behind <= window_left)
+
+
+@functools.lru_cache(maxsize=16)
+def sliding_window_block_mask(seq_length: int, window_left: int, device: torch.device) -> BlockMask:
+    """FlexAttention's block-sparse form of `causal_band`, cached per (seq, window, device).
+
+    Made once and reused by every layer and step; the kernel computes only the blocks that touch the
+    band. On CUDA the builder is compiled too: eager, it would materialise the `[seq, seq]` mask (and
+    int64 index grids of that size) on the way.
+    """
+
+    def within_window(batch: torch.Tensor, head: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return (k <= q) & (q - k <= window_left)
+
+    build = _compiled_flex().create_block_mask if device.type == "cuda" else create_block_mask
+    return build(within_window, None, None, seq_length, seq_length, device=device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Kernels
+
+class _CompiledFlex(NamedTuple):
+    flex_attention: Callable[..., torch.Tensor]
+    create_block_mask: Callable[..., BlockMask]
+
+
+_compiled: _CompiledFlex | None = None
+"""`torch.compile` of both FlexAttention functions (eager, on a GPU they materialise the full scores or
+mask). Made by the first CUDA block mask, in eager code, rather than at import: creating them loads the
+compiler (seconds). A compiled block that calls the kernel traces through it."""
+
+
+def _compiled_flex() -> _CompiledFlex:
+    global _compiled
+    if _compiled is None:
+        _compiled = _CompiledFlex(torch.compile(flex_attention), torch.compile(create_block_mask))
+    return _compiled
+
+
+def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, scale: float | None):
+    if q.is_cuda:
+        assert _compiled is not None, "CUDA block masks come from sliding_window_block_mask, which compiles"
+        kernel = _compiled.flex_attention
+    else:
+        kernel = flex_attention  # only forward-mode tests get here (FlexAttention has no CPU backward)
+    return kernel(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: LayerMask, *, scale: float | None, dropout: float
+) -> torch.Tensor:
+    """Softmax attention `[batch, heads, seq, head_dim]` over grouped `k`/`v`, masked as `mask` says."""
+    if isinstance(mask, BlockMask):
+        assert dropout == 0.0, "validated: windowed attention has no dropout"
+        return _flex(q, k, v, mask, scale)
+    heads, groups = q.shape[1], k.shape[1]
+    # Fused kernels other than flash may not take grouped k/v; with an explicit mask flash is out
+    # anyway, so only the causal path relies on native GQA.
+    native_gqa = groups != heads and _SDPA_HAS_GQA and mask is None
+    if groups != heads and not native_gqa:
+        # Query head i reads group i // (heads / groups), the layout HF's repeat_kv uses.
+        k, v = k.repeat_interleave(heads // groups, dim=1), v.repeat_interleave(heads // groups, dim=1)
+    return F.scaled_dot_product_attention(
+        q, k, v,
+        attn_mask=mask,
+        dropout_p=dropout,
+        is_causal=mask is None,
+        scale=scale,
+        **({"enable_gqa": True} if native_gqa else {}),
+    )
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention with rotary position embeddings and optional per-head q/k norms.
+
+    With `qk_layernorm`, `q_layernorm` and `k_layernorm` (one weight of `kv_channels` shared by all heads)
+    normalise each head's query and key over the head dimension, before the rotation (Qwen3, Gemma 3).
+    """
+
+    def __init__(self, config: GPTModelProvider) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_groups = config.resolved_num_query_groups
+        self.head_dim = config.resolved_kv_channels
+        self.dropout = config.attention_dropout
+        self.softmax_scale = config.softmax_scale
+        hidden = config.hidden_size
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_groups * self.head_dim
+        self.linear_q = nn.Linear(hidden, q_size, bias=config.add_qkv_bias)
+        self.linear_k = nn.Linear(hidden, kv_size, bias=config.add_qkv_bias)
+        self.linear_v = nn.Linear(hidden, kv_size, bias=config.add_qkv_bias)
+        self.linear_proj = nn.Linear(q_size, hidden, bias=config.add_bias_linear)
+        self.q_layernorm: nn.Module | None = None
+        self.k_layernorm: nn.Module | None = None
+        if config.qk_layernorm:
+            norm = functools.partial(
+                build_norm, config.normalization, self.head_dim, config.layernorm_epsilon,
+                zero_centered_gamma=config.layernorm_zero_centered_gamma,
+            )
+            self.q_layernorm, self.k_layernorm = norm(), norm()
+
+    def _split_heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
+        b, s, _ = x.shape
+        return x.view(b, s, heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: LayerMask = None) -> torch.Tensor:
+        """`x` `[batch, seq, hidden]`; `rope` this layer's (cos, sin); `mask` from `AttentionMask.for_window`."""
+        b, s, _ = x.shape
+        q = self._split_heads(self.linear_q(x), self.num_heads)
+        k = self._split_heads(self.linear_k(x), self.num_groups)
+        v = self._split_heads(self.linear_v(x), self.num_groups)
+        if self.q_layernorm is not None:
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        out = attend(q, k, v, mask, scale=self.softmax_scale, dropout=self.dropout if self.training else 0.0)
+        return self.linear_proj(out.transpose(1, 2).reshape(b, s, -1))
