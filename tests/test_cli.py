@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -163,3 +164,61 @@ def test_help_lists_the_recipes():
     assert "--recipe" in result.stdout and "--config-file" in result.stdout and "KEY=VALUE" in result.stdout
     for name in RECIPES:
         assert name in result.stdout
+
+
+TINY_RUN = ["--recipe", "qwen25_tiny", "train.global_batch_size=4", "train.micro_batch_size=4", "model.num_layers=1",
+            "scheduler.lr_warmup_iters=0", "validation.eval_iters=0", "logger.tensorboard_dir=null"]
+PROG = "python -m megatron.bridge.pretrain"
+
+
+def last_error_line(capsys) -> str:
+    """The one line a failed command printed last on stderr (and no traceback anywhere)."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = err.rstrip("\n").splitlines()[-1]
+    assert line.startswith(f"{PROG}: error: ")
+    return line
+
+
+def test_errors_after_the_start_are_one_line_with_status_1(chdir, capsys):
+    main([*TINY_RUN, "train.train_iters=1", "checkpoint.save=ckpt", "checkpoint.save_interval=1"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:  # a checkpoint that does not fit the model
+        main([*TINY_RUN, "train.train_iters=2", "model.num_layers=2", "checkpoint.load=ckpt"])
+    assert info.value.code == 1
+    assert "iter_0000001 does not fit this run: missing tensors ['model.layers.1." in last_error_line(capsys)
+    with pytest.raises(SystemExit) as info:
+        main([*TINY_RUN, "train.train_iters=1", "checkpoint.pretrained_checkpoint=nowhere"])
+    assert info.value.code != 0
+    assert "checkpoint.pretrained_checkpoint='nowhere' holds no checkpoint" in last_error_line(capsys)
+
+
+def test_a_scheduler_error_is_one_line(capsys):
+    # Once found only when the scheduler was built (a traceback); now refused with the config.
+    with pytest.raises(SystemExit) as info:
+        main([*TINY_RUN, "train.train_iters=2", "optimizer.weight_decay=0.1", "scheduler.start_weight_decay=0.1",
+              "scheduler.end_weight_decay=0.2"])
+    assert info.value.code == 2
+    assert "scheduler.end_weight_decay=0.2 is invalid: equal to scheduler.start_weight_decay=0.1" in last_error_line(
+        capsys)
+
+
+def test_ctrl_c_ends_a_run_with_one_line_and_status_130(tmp_path):
+    run = subprocess.Popen(
+        [sys.executable, "-m", "megatron.bridge.pretrain", *TINY_RUN, "train.train_iters=1000000",
+         "logger.log_interval=1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # A shell runs background jobs with Ctrl-C ignored; the run must see it as a terminal would send it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        for line in run.stdout:
+            if "iteration" in line:  # training has started: exit_signal_handler is off, so Python raises
+                break
+        run.send_signal(signal.SIGINT)
+        _, err = run.communicate(timeout=120)
+    finally:
+        run.kill()
+    assert run.returncode == 130
+    assert err == f"{PROG}: interrupted\n"

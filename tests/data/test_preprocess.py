@@ -15,6 +15,7 @@ from megatron.bridge.data.documents import iter_documents
 from megatron.bridge.data.indexed_dataset import IndexedDataset
 from megatron.bridge.data.preprocess import preprocess
 from megatron.bridge.data.tokenizer import HuggingFaceTokenizer
+from megatron.bridge.data.train_tokenizer import main as train_tokenizer_main
 
 TEXTS = ["import os\nprint(os.getcwd())\n", "def add(a, b):\n    return a + b\n", "x = [i * i for i in range(10)]\n"]
 
@@ -96,3 +97,23 @@ def test_command_line(inputs, tokenizer_dir, tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert missing.returncode == 2 and "input file" in missing.stderr and "nope.txt does not exist" in missing.stderr
+    assert missing.stderr.count("\n") == 1 and "usage:" not in missing.stderr  # one line, not the usage block
+
+
+@pytest.mark.parametrize(("command", "args", "message"), [
+    (preprocess_module.main, ["--tokenizer-model", "TOK", "--output-prefix", "OUT/x", "--workers", "0"],
+     "workers=0 and chunk_documents=64 must be at least 1"),
+    (preprocess_module.main, ["--tokenizer-model", "OUT", "--output-prefix", "OUT/x"],
+     "tokenizer.tokenizer_model='OUT' is invalid: OUT holds no tokenizer.json"),
+    (train_tokenizer_main, ["--vocab-size", "1000", "--output", "OUT/tok", "--text-documents", "file"], None),
+])
+def test_data_commands_print_one_line_errors(command, args, message, inputs, tokenizer_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n[1, 2]\n')
+    argv = [a.replace("TOK", tokenizer_dir).replace("OUT", str(tmp_path)) for a in ["--input", str(bad), *args]]
+    with pytest.raises(SystemExit) as info:
+        command(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and "usage:" not in err
+    assert err.startswith(f"python -m megatron.bridge.data.{command.__module__.rsplit('.', 1)[1]}: error: ")
+    assert (message or "bad.jsonl:2: no key 'text' (found: list)").replace("OUT", str(tmp_path)) in err

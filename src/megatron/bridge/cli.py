@@ -29,6 +29,8 @@ from typing import Any
 import yaml
 
 from megatron.bridge.training.config import ConfigContainer
+from megatron.bridge.utils.errors import INTERRUPTED_STATUS, ConfigError, UserError, one_line, short_repr
+from megatron.bridge.utils.safe_yaml import YAMLInputError, load_yaml_file, safe_load
 
 RECIPE_SUFFIX = "_pretrain_config"
 DEFAULT_FORWARD_STEP = "megatron.bridge.training.gpt_step:forward_step"
@@ -54,22 +56,24 @@ def load_recipe(name: str) -> ConfigContainer:
     recipes = available_recipes()
     key = name[: -len(RECIPE_SUFFIX)] if name.endswith(RECIPE_SUFFIX) else name
     if key not in recipes:
-        raise ValueError(f"--recipe={name!r} is invalid: choose one of {', '.join(recipes)}")
+        raise ConfigError(f"--recipe={short_repr(name)} is invalid: choose one of {', '.join(recipes)}")
     return recipes[key]()
 
 
 def parse_override(item: str) -> tuple[str, Any]:
-    """`"a.b=value"` -> `("a.b", value)` with the value read as YAML (empty -> "")."""
+    """`"a.b=value"` -> `("a.b", value)` with the value read as YAML (empty -> ""; no anchors or aliases)."""
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key or any(not part.isidentifier() for part in key.split(".")):
-        raise ValueError(
-            f"override {item!r} is invalid: expected key=value with a dotted key, e.g. train.train_iters=100"
+        raise ConfigError(
+            f"override {short_repr(item)} is invalid: expected key=value with a dotted key, e.g. train.train_iters=100"
         )
     if text == "":
         return key, ""
     try:
-        return key, yaml.safe_load(text)
+        return key, safe_load(text)
+    except YAMLInputError as err:
+        raise ConfigError(f"override {key}: {err}") from err
     except yaml.YAMLError:
         return key, text  # not YAML (e.g. an unbalanced bracket): keep the raw string and let the type decide
 
@@ -84,33 +88,30 @@ def set_field(config: ConfigContainer, key: str, value: Any) -> None:
         target = getattr(target, section)
         walked.append(section)
         if not _is_config(target):
-            raise ValueError(f"{'.'.join(walked)} is a value, not a section: {key} cannot be set")
+            raise ConfigError(f"{'.'.join(walked)} is a value, not a section: {key} cannot be set")
     _check_known(target, name, walked)
     if _is_config(getattr(target, name)):
         example = _field_names(getattr(target, name))[0]
-        raise ValueError(f"{key} is a section: set its fields instead, e.g. {key}.{example}=...")
+        raise ConfigError(f"{key} is a section: set its fields instead, e.g. {key}.{example}=...")
     hint = _field_types(type(target)).get(name, Any)
     setattr(target, name, _coerce(value, hint, key))
 
 
 def merge_yaml(config: ConfigContainer, path: str) -> None:
-    """Apply a nested YAML mapping (e.g. `train: {train_iters: 100}`) to `config`, field by field."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except OSError as err:
-        raise ValueError(f"--config-file {path}: cannot read it ({err.strerror})") from err
-    except yaml.YAMLError as err:
-        raise ValueError(f"--config-file {path}: not valid YAML ({err})") from err
+    """Apply a nested YAML mapping (e.g. `train: {train_iters: 100}`) to `config`, field by field.
+
+    The file is read with `safe_yaml.load_yaml_file`: UTF-8, bounded in size, no anchors or aliases.
+    """
+    data = load_yaml_file(path, label=f"--config-file {path}")
     if data is None:
         return
     if not isinstance(data, dict):
-        raise ValueError(f"--config-file {path}: expected a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(f"--config-file {path}: expected a mapping of sections, got {type(data).__name__}")
     for key, value in _flatten(config, data, []):
         try:
             set_field(config, key, value)
-        except ValueError as err:
-            raise ValueError(f"--config-file {path}: {err}") from err
+        except ConfigError as err:
+            raise ConfigError(f"--config-file {path}: {err}") from err
 
 
 def _flatten(target: Any, data: dict[str, Any], prefix: list[str]) -> list[tuple[str, Any]]:
@@ -142,14 +143,16 @@ def load_forward_step(spec: str) -> Callable[..., Any]:
     """The function `module:function` names."""
     module_name, sep, function_name = spec.partition(":")
     if not sep or not module_name or not function_name:
-        raise ValueError(f"--forward-step={spec!r} is invalid: expected module:function, e.g. {DEFAULT_FORWARD_STEP}")
+        raise ConfigError(
+            f"--forward-step={short_repr(spec)} is invalid: expected module:function, e.g. {DEFAULT_FORWARD_STEP}"
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ValueError(f"--forward-step={spec!r} is invalid: cannot import {module_name} ({err})") from err
+        raise ConfigError(f"--forward-step={spec!r} is invalid: cannot import {module_name} ({err})") from err
     function = getattr(module, function_name, None)
     if not callable(function):
-        raise ValueError(f"--forward-step={spec!r} is invalid: {module_name} has no function {function_name}")
+        raise ConfigError(f"--forward-step={spec!r} is invalid: {module_name} has no function {function_name}")
     return function
 
 
@@ -179,9 +182,10 @@ def _check_known(target: Any, name: str, walked: list[str]) -> None:
     where = ".".join(walked)
     key = f"{where}.{name}" if where else name
     scope = f"valid keys of {where}" if where else "valid top-level keys"
-    close = difflib.get_close_matches(name, names, n=1)
+    close = difflib.get_close_matches(name[:100], names, n=1)
     hint = f" (did you mean {where + '.' if where else ''}{close[0]}?)" if close else ""
-    raise ValueError(f"unknown key {key}{hint}; {scope}: {', '.join(sorted(names))}")
+    shown = key if len(key) <= 200 else f"{key[:200]}..."  # a key read from a file can be any length
+    raise ConfigError(f"unknown key {shown}{hint}; {scope}: {', '.join(sorted(names))}")
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -208,7 +212,7 @@ def _type_name(hint: Any) -> str:
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """`value` as the type `hint` describes, or ValueError `key=value is invalid: expected <type>`."""
+    """`value` as the type `hint` describes, or ConfigError `key=value is invalid: expected <type>`."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is Any:
         return value
@@ -219,13 +223,13 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             if arg is not type(None):
                 try:
                     return _coerce(value, arg, key)
-                except ValueError:
+                except ConfigError:
                     continue
         expected = " or ".join(_type_name(arg) for arg in args)
-        raise ValueError(f"{key}={value!r} is invalid: expected {expected}")
+        raise ConfigError(f"{key}={short_repr(value)} is invalid: expected {expected}")
     converted = _convert_scalar(value, hint)
     if converted is _INVALID:
-        raise ValueError(f"{key}={value!r} is invalid: expected {_type_name(origin or hint)}")
+        raise ConfigError(f"{key}={short_repr(value)} is invalid: expected {_type_name(origin or hint)}")
     return converted
 
 
@@ -239,14 +243,12 @@ def _convert_scalar(value: Any, hint: Any) -> Any:
     if hint is int:
         return value if isinstance(value, int) and not isinstance(value, bool) else _INVALID
     if hint is float:
-        if is_number:
+        if not is_number and not isinstance(value, str):
+            return _INVALID
+        try:  # a string too: YAML 1.1 reads 1e-3 (no dot) as a string
             return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                return _INVALID
-        return _INVALID
+        except (ValueError, OverflowError):  # OverflowError: an integer beyond the float range
+            return _INVALID
     if hint is str:
         return str(value) if isinstance(value, str) or is_number else _INVALID
     origin = typing.get_origin(hint) or hint
@@ -284,17 +286,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Run the command line: build and check the config, then `pretrain` it."""
-    from megatron.bridge.data.indexed_dataset import DatasetError
+    """Run the command line: build and check the config, then `pretrain` it.
 
+    A `UserError` ends the process with one line, `<prog>: error: <message>`: status 2 while the config
+    is built and checked, 1 once training has started (a checkpoint that does not fit, bad data). Ctrl-C
+    prints `<prog>: interrupted` and exits with 130. Anything else is a bug and keeps its traceback.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        _run(parser, args)
+    except KeyboardInterrupt:
+        parser.exit(INTERRUPTED_STATUS, f"{parser.prog}: interrupted\n")
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     try:
         config = build_config(args.recipe, args.config_file, args.overrides)
         forward_step = load_forward_step(args.forward_step)
         check_config(config)
-    except ValueError as err:
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    except UserError as err:
+        parser.exit(2, f"{parser.prog}: error: {one_line(err)}\n")
     if args.print_config:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return
@@ -302,6 +314,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     try:
         pretrain(config, forward_step)
-    except DatasetError as err:
-        # Bad data is the user's to fix, not a bug: a one-line message, no traceback.
-        parser.exit(1, f"{parser.prog}: error: {err}\n")
+    except UserError as err:
+        parser.exit(1, f"{parser.prog}: error: {one_line(err)}\n")

@@ -16,6 +16,8 @@ import time
 
 import torch
 
+from megatron.bridge.utils.errors import INTERRUPTED_STATUS, UserError, one_line
+
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -42,22 +44,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one conversion; print where the result is, or the error and exit status 1."""
-    args = build_parser().parse_args(argv)
-    from megatron.bridge.models.conversion.auto_bridge import AutoBridge
-
+    """Run one conversion and return the exit status: 0 (where the result is printed), 1 after a one-line
+    error (a bad folder, a checkpoint that does not fit), 130 on Ctrl-C."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     dtype = _DTYPES[args.dtype] if args.dtype else None
     started = time.perf_counter()
     try:
+        from megatron.bridge.models.conversion.auto_bridge import AutoBridge
+
         if args.command == "import":
             out = AutoBridge.import_ckpt(args.hf_path, args.megatron_path, dtype=dtype, overwrite=args.overwrite)
         else:
             out = AutoBridge.export_ckpt(args.megatron_path, args.hf_path, iteration=args.iteration,
                                          source=args.source, dtype=dtype, max_shard_size=args.max_shard_size,
                                          overwrite=args.overwrite)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except UserError as err:
+        print(f"{parser.prog}: error: {one_line(err)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return INTERRUPTED_STATUS
     print(f"> {args.command}ed to {out} ({time.perf_counter() - started:.1f} s)")
     return 0
 

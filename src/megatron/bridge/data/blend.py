@@ -11,7 +11,8 @@ A path is a prefix: `a` names `a.bin` and `a.idx`. Weights must be positive; the
 to sum to one. Without weights each dataset weighs as many samples as one epoch of its split
 holds (Megatron-LM's rule), so the blend reads like one concatenated corpus.
 
-This module imports nothing from the rest of the package (only numpy), so the config can use it freely.
+This module imports nothing from the rest of the package but its error types (and numpy), so the config can
+use it freely.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import os
 from typing import Any
 
 import numpy as np
+
+from megatron.bridge.utils.errors import ConfigError
 
 FORMS = ('(["path1", "path2"], [w1, w2]), (["path"], None), a flat list like ["30", "pathA", "70", "pathB"] '
          'or ["pathA"], or one path')
@@ -40,8 +43,8 @@ def _is_number(item: Any) -> bool:
     return False
 
 
-def _error(field_name: str, value: Any, reason: str) -> ValueError:
-    return ValueError(f"{field_name}={value!r} is invalid: {reason}")
+def _error(field_name: str, value: Any, reason: str) -> ConfigError:
+    return ConfigError(f"{field_name}={value!r} is invalid: {reason}")
 
 
 def _path(item: Any, field_name: str, value: Any) -> str:
@@ -93,11 +96,11 @@ def normalize(weights: list[float]) -> list[float]:
 
 
 def check_dataset_files(paths: list[str], field_name: str) -> None:
-    """ValueError naming the first missing `.bin` or `.idx` file of `paths`."""
+    """ConfigError naming the first missing `.bin` or `.idx` file of `paths`."""
     for prefix in paths:
         for suffix in (".idx", ".bin"):
             if not os.path.isfile(prefix + suffix):
-                raise ValueError(
+                raise ConfigError(
                     f"{field_name}: dataset file {prefix + suffix} does not exist (the prefix {prefix!r} needs "
                     f"{prefix}.bin and {prefix}.idx; make them with python -m megatron.bridge.data.preprocess)"
                 )

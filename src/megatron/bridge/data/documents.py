@@ -18,6 +18,8 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from megatron.bridge.data.indexed_dataset import DatasetError
+
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 TEXT_DOCUMENT_MODES = ("file", "paragraph")
 _PARAGRAPH_BREAK = re.compile(r"\n(?:[ \t\r\f\v]*\n)+")
@@ -37,15 +39,15 @@ def is_json_lines(path: str) -> bool:
 
 
 def check_inputs(paths: Sequence[str], text_documents: str = "file") -> None:
-    """ValueError naming the first input that does not exist, or an unknown `text_documents`."""
+    """DatasetError naming the first input that does not exist, or an unknown `text_documents`."""
     if not paths:
-        raise ValueError("no input files given")
+        raise DatasetError("no input files given")
     if text_documents not in TEXT_DOCUMENT_MODES:
         choices = ", ".join(TEXT_DOCUMENT_MODES)
-        raise ValueError(f"text_documents={text_documents!r} is invalid: choose one of {choices}")
+        raise DatasetError(f"text_documents={text_documents!r} is invalid: choose one of {choices}")
     for path in paths:
         if not os.path.isfile(path):
-            raise ValueError(f"input file {path} does not exist")
+            raise DatasetError(f"input file {path} does not exist")
 
 
 def total_bytes(paths: Sequence[str]) -> int:
@@ -71,15 +73,15 @@ def _json_documents(path: str, json_key: str) -> Iterator[Document]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_number}: not a JSON object ({err.msg})") from err
+                raise DatasetError(f"{path}:{line_number}: not a JSON object ({err.msg})") from err
             if not isinstance(record, dict) or json_key not in record:
                 keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
-                raise ValueError(
+                raise DatasetError(
                     f"{path}:{line_number}: no key {json_key!r} (found: {keys}); choose one with --json-key"
                 )
             text = record[json_key]
             if not isinstance(text, str):
-                raise ValueError(f"{path}:{line_number}: {json_key!r} holds {type(text).__name__}, not text")
+                raise DatasetError(f"{path}:{line_number}: {json_key!r} holds {type(text).__name__}, not text")
             if text:
                 yield Document(text, len(line))
 
@@ -90,7 +92,7 @@ def _text_documents(path: str, text_documents: str) -> Iterator[Document]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+        raise DatasetError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
     if text_documents == "file":
         if text.strip():
             yield Document(text, len(raw))

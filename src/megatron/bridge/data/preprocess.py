@@ -17,6 +17,7 @@ import argparse
 import itertools
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -34,6 +35,7 @@ from megatron.bridge.data.documents import (
 )
 from megatron.bridge.data.indexed_dataset import IndexedDatasetWriter, optimal_dtype
 from megatron.bridge.data.tokenizer import HuggingFaceTokenizer
+from megatron.bridge.utils.errors import INTERRUPTED_STATUS, ConfigError, UserError, one_line
 
 DEFAULT_CHUNK_DOCUMENTS = 64
 CHUNKS_IN_FLIGHT_PER_WORKER = 16
@@ -64,6 +66,8 @@ def _init_worker(tokenizer_model: str, dtype_name: str) -> None:
     global _worker_tokenizer, _worker_dtype
     # Several processes each spawning Rust threads would oversubscribe the cores.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # Ctrl-C reaches every process of the group: the parent reports it once and stops the pool.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker_tokenizer = HuggingFaceTokenizer(tokenizer_model)
     _worker_dtype = np.dtype(dtype_name).type
 
@@ -97,7 +101,7 @@ def preprocess(
 ) -> PreprocessStats:
     """Tokenize `inputs` into `<output_prefix>.bin` / `.idx`; return counts and timing."""
     if workers < 1 or chunk_documents < 1:
-        raise ValueError(f"workers={workers} and chunk_documents={chunk_documents} must be at least 1")
+        raise ConfigError(f"workers={workers} and chunk_documents={chunk_documents} must be at least 1")
     check_inputs(inputs, text_documents)
     tokenizer = HuggingFaceTokenizer(tokenizer_model)
     dtype = optimal_dtype(tokenizer.vocab_size)
@@ -174,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> PreprocessStats:
-    """Run the command line; errors in the inputs exit with status 2 and a one-line message."""
+    """Run the command line; errors in the inputs exit with status 2 and a one-line message, Ctrl-C with 130."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -183,8 +187,10 @@ def main(argv: Sequence[str] | None = None) -> PreprocessStats:
             json_key=args.json_key, text_documents=args.text_documents, workers=args.workers,
             chunk_documents=args.chunk_documents, progress=not args.quiet,
         )
-    except ValueError as err:
-        parser.error(str(err))
+    except UserError as err:
+        parser.exit(2, f"{parser.prog}: error: {one_line(err)}\n")
+    except KeyboardInterrupt:
+        parser.exit(INTERRUPTED_STATUS, f"{parser.prog}: interrupted\n")
     print(f"wrote {args.output_prefix}.bin and .idx: {stats.documents} documents, {stats.tokens} tokens "
           f"({stats.dtype}) from {stats.input_bytes / 1e6:.1f} MB in {stats.seconds:.1f} s "
           f"({stats.tokens_per_second / 1e6:.2f} M tokens/s)")

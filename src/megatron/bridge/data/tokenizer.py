@@ -14,6 +14,8 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
+from megatron.bridge.utils.errors import ConfigError
+
 if TYPE_CHECKING:
     from megatron.bridge.training.config import TokenizerConfig
 
@@ -54,7 +56,7 @@ class NullTokenizer:
 
     def __init__(self, vocab_size: int) -> None:
         if vocab_size < 2:
-            raise ValueError(f"tokenizer.vocab_size={vocab_size!r} is invalid: at least 2 for a NullTokenizer")
+            raise ConfigError(f"tokenizer.vocab_size={vocab_size!r} is invalid: at least 2 for a NullTokenizer")
         self._vocab_size = vocab_size
 
     @property
@@ -86,12 +88,12 @@ class HuggingFaceTokenizer:
         try:
             self._tokenizer = _RustTokenizer.from_file(self.path)
         except Exception as err:  # the Rust library raises a bare Exception on malformed JSON
-            raise ValueError(f"tokenizer.tokenizer_model: cannot read {self.path}: {err}") from err
+            raise ConfigError(f"tokenizer.tokenizer_model: cannot read {self.path}: {err}") from err
         self._vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
         self.eod_token = eod_token or self._find_eod_token()
         eod = self._tokenizer.token_to_id(self.eod_token)
         if eod is None:
-            raise ValueError(f"{self.path} has no token {self.eod_token!r} to end documents with")
+            raise ConfigError(f"{self.path} has no token {self.eod_token!r} to end documents with")
         self._eod = eod
 
     @property
@@ -125,7 +127,7 @@ class HuggingFaceTokenizer:
         for candidate in EOD_CANDIDATES:
             if candidate in vocab:
                 return candidate
-        raise ValueError(
+        raise ConfigError(
             f"{self.path} has no end-of-document token: name one as eos_token in {TOKENIZER_CONFIG_FILE} "
             f"or add one of {', '.join(EOD_CANDIDATES)}"
         )
@@ -137,7 +139,7 @@ def resolve_tokenizer_file(path: str | os.PathLike[str]) -> str:
     candidate = os.path.join(path, TOKENIZER_FILE) if os.path.isdir(path) else path
     if not os.path.isfile(candidate):
         what = f"{path} holds no {TOKENIZER_FILE}" if os.path.isdir(path) else f"{path} does not exist"
-        raise ValueError(
+        raise ConfigError(
             f"tokenizer.tokenizer_model={path!r} is invalid: {what}; give a local {TOKENIZER_FILE} or a folder "
             "holding one (tokenizers are never downloaded; train one with "
             "python -m megatron.bridge.data.train_tokenizer)"
@@ -149,16 +151,16 @@ def build_tokenizer(config: TokenizerConfig) -> NullTokenizer | HuggingFaceToken
     """The tokenizer `config` describes."""
     if config.tokenizer_type == "NullTokenizer":
         if config.vocab_size is None:
-            raise ValueError("tokenizer.vocab_size=None is invalid: a NullTokenizer needs a vocabulary size")
+            raise ConfigError("tokenizer.vocab_size=None is invalid: a NullTokenizer needs a vocabulary size")
         return NullTokenizer(config.vocab_size)
     if config.tokenizer_type == "HuggingFaceTokenizer":
         if config.tokenizer_model is None:
-            raise ValueError(
+            raise ConfigError(
                 "tokenizer.tokenizer_model=None is invalid: a HuggingFaceTokenizer needs a local tokenizer.json "
                 "or a folder holding one"
             )
         return HuggingFaceTokenizer(config.tokenizer_model)
-    raise ValueError(
+    raise ConfigError(
         f"tokenizer.tokenizer_type={config.tokenizer_type!r} is invalid: choose one of NullTokenizer, "
         "HuggingFaceTokenizer"
     )

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 
 from megatron.bridge.data.documents import TEXT_DOCUMENT_MODES, Document, check_inputs, iter_documents
 from megatron.bridge.data.tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
+from megatron.bridge.utils.errors import INTERRUPTED_STATUS, ConfigError, UserError, one_line
 
 DEFAULT_EOD_TOKEN = "<|endoftext|>"
 # 256 byte symbols plus the special token: the smallest vocabulary byte-level BPE can have.
@@ -39,7 +40,7 @@ def train_tokenizer(
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if vocab_size < MIN_VOCAB_SIZE:
-        raise ValueError(f"vocab_size={vocab_size} is invalid: at least {MIN_VOCAB_SIZE} (256 bytes + {eod_token})")
+        raise ConfigError(f"vocab_size={vocab_size} is invalid: at least {MIN_VOCAB_SIZE} (256 bytes + {eod_token})")
     check_inputs(inputs, text_documents)  # before training starts, not from inside the Rust trainer
     documents = iter_documents(inputs, json_key=json_key, text_documents=text_documents)
     tokenizer = Tokenizer(models.BPE())
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> str:
-    """Run the command line; bad inputs exit with status 2 and a one-line message."""
+    """Run the command line; bad inputs exit with status 2 and a one-line message, Ctrl-C with 130."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -94,8 +95,10 @@ def main(argv: Sequence[str] | None = None) -> str:
             args.input, vocab_size=args.vocab_size, output_dir=args.output, json_key=args.json_key,
             text_documents=args.text_documents, min_frequency=args.min_frequency, eod_token=args.eod_token,
         )
-    except ValueError as err:
-        parser.error(str(err))
+    except UserError as err:
+        parser.exit(2, f"{parser.prog}: error: {one_line(err)}\n")
+    except KeyboardInterrupt:
+        parser.exit(INTERRUPTED_STATUS, f"{parser.prog}: interrupted\n")
     from megatron.bridge.data.tokenizer import HuggingFaceTokenizer
 
     # A small corpus may run out of merges before reaching --vocab-size: report the real size.

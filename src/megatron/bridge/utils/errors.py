@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+INTERRUPTED_STATUS = 130
+"""Exit status of a command stopped by Ctrl-C (128 + SIGINT), as shells report it."""
+
 
 class UserError(ValueError):
     """An error in something the user gave (a setting, a file, a checkpoint), with the fix in its message."""
@@ -20,4 +23,15 @@ class ConfigError(UserError):
 
 def config_error(field_name: str, value: Any, allowed: str) -> ConfigError:
     """The error every config check raises: `<field>=<value> is invalid: <allowed>`."""
-    return ConfigError(f"{field_name}={value!r} is invalid: {allowed}")
+    return ConfigError(f"{field_name}={short_repr(value)} is invalid: {allowed}")
+
+
+def short_repr(value: Any, limit: int = 200) -> str:
+    """`repr(value)`, cut to `limit` characters: a message must not echo a value of unbounded size."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def one_line(message: object) -> str:
+    """`message` on one line: its non-blank lines joined with "; "."""
+    return "; ".join(line.strip() for line in str(message).splitlines() if line.strip())

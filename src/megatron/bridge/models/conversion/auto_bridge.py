@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron.bridge.models.conversion import megatron_checkpoint
+from megatron.bridge.models.conversion.errors import ConversionError
 from megatron.bridge.models.conversion.hf_config import (
     SUPPORTED_ARCHITECTURES,
     Architecture,
@@ -42,6 +43,7 @@ from megatron.bridge.models.conversion.hf_folder import (
 from megatron.bridge.models.conversion.param_mapping import (
     TIED_OUTPUT_NAME,
     TensorPlan,
+    check_layer_count,
     check_tensors,
     hf_tensor_shapes,
     megatron_param_shapes,
@@ -55,14 +57,12 @@ ModelLike = nn.Module | Sequence[nn.Module]
 """A model chunk, a list of chunks, or a chunk wrapped by DDP / FSDP2 / torch.compile."""
 
 
-def open_weights(folder: Path, expected: dict[str, torch.Size], expected_from: str, *, tied: bool) -> HFWeights:
-    """The weights of `folder`, checked against the Hugging Face tensor names and shapes in `expected`."""
-    weights = HFWeights(folder)
+def check_weights(weights: HFWeights, expected: dict[str, torch.Size], expected_from: str, *, tied: bool) -> None:
+    """Check `weights` against the Hugging Face tensor names and shapes in `expected`."""
     check_tensors(
-        {name: spec.shape for name, spec in weights.specs.items()}, expected, source=f"weights in {folder}",
+        {name: spec.shape for name, spec in weights.specs.items()}, expected, source=f"weights in {weights.folder}",
         expected_from=expected_from, ignorable={TIED_OUTPUT_NAME} if tied else (), locations=weights.location,
     )
-    return weights
 
 
 @dataclass(frozen=True)
@@ -82,8 +82,8 @@ class HFWeightLoader:
         params = dict(model.named_parameters())
         expected = {to_hf_name(name): param.shape for name, param in params.items()}
         # The model may differ from the folder's config.json when the provider was edited after conversion.
-        weights = open_weights(self.folder, expected, "the model built from the provider",
-                               tied=model.output_layer is None)
+        weights = HFWeights(self.folder)
+        check_weights(weights, expected, "the model built from the provider", tied=model.output_layer is None)
         with torch.no_grad():
             for name, param in params.items():
                 param.copy_(weights.read(to_hf_name(name)))
@@ -105,8 +105,9 @@ class AutoBridge:
     def from_hf_pretrained(cls, path: str | os.PathLike) -> AutoBridge:
         """Open the Hugging Face model folder `path` (config.json plus, optionally, its weights).
 
-        The config and the weight files' headers are checked now (names, shapes, missing shards), but no
-        tensor data is read. A folder without weights still gives a provider with `load_weights=False`.
+        The config (every key's type and range) and the weight files' headers (names, shapes, missing
+        shards, the layer count) are checked now, before anything is built; no tensor data is read. A
+        folder without weights still gives a provider with `load_weights=False`.
         """
         folder = Path(path)
         config = read_config(folder)
@@ -115,8 +116,10 @@ class AutoBridge:
         provider = provider_from_hf_config(config, source)
         weights = None
         if HFWeights.present(folder):
-            weights = open_weights(folder, hf_tensor_shapes(provider), source,
-                                   tied=provider.share_embeddings_and_output_weights)
+            weights = HFWeights(folder)
+            check_layer_count(weights.specs, provider.num_layers, source=f"weights in {folder}", expected_from=source)
+            tied = provider.share_embeddings_and_output_weights
+            check_weights(weights, hf_tensor_shapes(provider), source, tied=tied)
         return cls(folder, config, architecture, weights)
 
     @staticmethod
@@ -141,7 +144,7 @@ class AutoBridge:
 
     def _require_weights(self) -> HFWeights:
         if self._weights is None:
-            raise ValueError(f"{self.folder} holds no weights (only {CONFIG_FILE}); use load_weights=False")
+            raise ConversionError(f"{self.folder} holds no weights (only {CONFIG_FILE}); use load_weights=False")
         return self._weights
 
     # ----------------------------------------------------------------------------------- importing
@@ -184,6 +187,7 @@ class AutoBridge:
     ) -> tuple[dict[str, nn.Parameter], list[TensorPlan]]:
         params = _named_parameters(model)
         provider = provider_from_hf_config(self._config)
+        check_layer_count(params, provider.num_layers, source="the model", expected_from=str(self.folder / CONFIG_FILE))
         expected = megatron_param_shapes(provider)
         check_tensors({n: p.shape for n, p in params.items()}, expected, source="the model",
                       expected_from=f"{self.folder / CONFIG_FILE}")
@@ -222,9 +226,10 @@ class AutoBridge:
         config = self.hf_config
         if dtype is not None:
             config[dtype_key(config)] = str(dtype).removeprefix("torch.")
+        files = auxiliary_files(self.folder)
         with staged_output(path, overwrite) as staging:
             write_json_file(staging / CONFIG_FILE, config)
-            copy_files(auxiliary_files(self.folder), staging)
+            copy_files(files, staging)
             write_safetensors_shards(staging, [(item.hf_name, item.spec) for item in plan], tensors,
                                      parse_size(max_shard_size))
         return Path(path)
@@ -284,7 +289,7 @@ def _named_parameters(model: ModelLike) -> dict[str, nn.Parameter]:
     for chunk in _chunks(model):
         for name, param in chunk.named_parameters():
             if name in params:
-                raise ValueError(f"parameter {name!r} appears in more than one model chunk")
+                raise ConversionError(f"parameter {name!r} appears in more than one model chunk")
             params[name] = param
     return params
 

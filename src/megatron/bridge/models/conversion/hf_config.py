@@ -34,9 +34,22 @@ import torch
 from megatron.bridge.models.gpt_provider import GPTModelProvider
 from megatron.bridge.models.llama import LlamaModelProvider
 from megatron.bridge.models.qwen import Qwen2ModelProvider
+from megatron.bridge.utils.errors import ConfigError, short_repr
 
 _DEFAULT_ROPE_TYPES = ("default", None)
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+_FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                 "float64": torch.float64}
+_REQUIRED = object()
+
+MAX_SIZES = {
+    "num_hidden_layers": 1024, "hidden_size": 2**17, "intermediate_size": 2**20, "num_attention_heads": 2**12,
+    "num_key_value_heads": 2**12, "head_dim": 2**12, "vocab_size": 2**24, "max_position_embeddings": 2**24,
+}
+"""Upper bounds of config.json's sizes, far above any published model (126 layers, hidden size 16384,
+a 256k vocabulary, a 10M context): a larger value is a damaged or hostile file, and would take minutes
+and gigabytes just to describe the model. Checked before anything is built."""
+_OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "max_position_embeddings")
 
 
 @dataclass(frozen=True)
@@ -61,18 +74,22 @@ SUPPORTED_ARCHITECTURES: dict[str, Architecture] = {
 
 
 def architecture_of(config: dict[str, Any], source: str) -> Architecture:
-    """The supported architecture `config` names; `ValueError` naming it and the supported ones otherwise."""
+    """The supported architecture `config` names; `ConfigError` naming it and the supported ones otherwise."""
     names = config.get("architectures")
-    if not names:  # older configs name only the model type
-        names = [a.name for a in SUPPORTED_ARCHITECTURES.values() if a.model_type == config.get("model_type")]
-        names = names or [f"model_type={config.get('model_type')!r}"]
-    if not isinstance(names, list):
+    if isinstance(names, str):
         names = [names]
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise _invalid(source, "architectures", names, "a list of class names, e.g. [\"Qwen2ForCausalLM\"]")
+    if not names:  # older configs name only the model type
+        model_type = config.get("model_type")
+        names = [a.name for a in SUPPORTED_ARCHITECTURES.values() if a.model_type == model_type]
+        names = names or [f"model_type={short_repr(model_type)}"]
     for name in names:
         if name in SUPPORTED_ARCHITECTURES:
             return SUPPORTED_ARCHITECTURES[name]
-    raise ValueError(
-        f"{source}: architecture {', '.join(map(str, names))} is not supported; "
+    listed = ", ".join(names)
+    raise ConfigError(
+        f"{source}: architecture {listed if len(listed) <= 200 else listed[:200] + '...'} is not supported; "
         f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
     )
 
@@ -80,8 +97,7 @@ def architecture_of(config: dict[str, Any], source: str) -> Architecture:
 def config_dtype(config: dict[str, Any]) -> torch.dtype | None:
     """The dtype `config.json` declares (`dtype` or `torch_dtype`), or None."""
     name = config.get("dtype") or config.get("torch_dtype")
-    dtype = getattr(torch, str(name), None) if name else None
-    return dtype if isinstance(dtype, torch.dtype) else None
+    return _FLOAT_DTYPES.get(name) if isinstance(name, str) else None
 
 
 def dtype_key(config: dict[str, Any]) -> str:
@@ -89,90 +105,189 @@ def dtype_key(config: dict[str, Any]) -> str:
     return "dtype" if "dtype" in config else "torch_dtype"
 
 
-def _require(config: dict[str, Any], key: str, source: str) -> Any:
-    value = config.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{source}: {key}={value!r} is invalid: a positive integer")
-    return value
+def _invalid(source: str, key: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"{source}: {key}={short_repr(value)} is invalid: {allowed}")
 
 
-def _rope(config: dict[str, Any], source: str) -> tuple[float, dict[str, Any] | None]:
-    parameters = config.get("rope_parameters") or {}
-    scaling = config.get("rope_scaling") or parameters
-    theta = config.get("rope_theta", parameters.get("rope_theta", 10000.0))
-    rope_type = scaling.get("rope_type", scaling.get("type"))
-    if scaling.get("partial_rotary_factor", 1.0) != 1.0:
-        factor = scaling["partial_rotary_factor"]
-        raise ValueError(f"{source}: partial_rotary_factor={factor} is not supported (1.0 only)")
+class _Keys:
+    """Reads config.json keys checked for JSON type and range; every error names the file and the key.
+
+    A key that is absent or null takes its default; a key without a default is required.
+    """
+
+    def __init__(self, values: dict[str, Any], source: str, prefix: str = "") -> None:
+        self.values, self.source, self.prefix = values, source, prefix
+
+    def invalid(self, key: str, value: Any, allowed: str) -> ConfigError:
+        return _invalid(self.source, self.prefix + key, value, allowed)
+
+    def integer(self, key: str, *, maximum: int, default: Any = _REQUIRED) -> Any:
+        value = self.values.get(key)
+        if value is None and default is not _REQUIRED:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= maximum:
+            raise self.invalid(key, value, f"a positive integer up to {maximum}")
+        return value
+
+    def number(self, key: str, *, default: float | None) -> Any:
+        """A positive finite number."""
+        value = self.values.get(key)
+        if value is None:
+            return default
+        try:
+            valid = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < float(value) < math.inf
+        except OverflowError:  # an integer beyond the float range
+            valid = False
+        if not valid:
+            raise self.invalid(key, value, "a positive number")
+        return value
+
+    def probability(self, key: str) -> float:
+        """A number in [0, 1); absent means 0."""
+        value = self.values.get(key)
+        if value is None:
+            return 0.0
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise self.invalid(key, value, "a number in [0, 1)")
+        return float(value)
+
+    def flag(self, key: str) -> bool:
+        value = self.values.get(key, False)
+        if value is not None and not isinstance(value, bool):
+            raise self.invalid(key, value, "true or false")
+        return bool(value)
+
+    def text(self, key: str, default: str | None = None) -> str | None:
+        value = self.values.get(key)
+        if value is not None and not isinstance(value, str):
+            raise self.invalid(key, value, "a string")
+        return default if value is None else value
+
+    def section(self, key: str) -> _Keys:
+        value = self.values.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise self.invalid(key, value, "an object (or null)")
+        return _Keys(value or {}, self.source, f"{self.prefix}{key}.")
+
+
+def _rope(keys: _Keys) -> tuple[float, dict[str, Any] | None]:
+    parameters = keys.section("rope_parameters")
+    scaling = keys.section("rope_scaling")
+    if not scaling.values:  # transformers 5 keeps the scaling with the base in rope_parameters
+        scaling = parameters
+    theta = keys.number("rope_theta", default=None)
+    if theta is None:
+        theta = parameters.number("rope_theta", default=10000.0)
+    rope_type = scaling.text("rope_type") if "rope_type" in scaling.values else scaling.text("type")
+    factor = scaling.number("partial_rotary_factor", default=1.0)
+    if factor != 1.0:
+        raise ConfigError(f"{keys.source}: partial_rotary_factor={factor} is not supported (1.0 only)")
     theta = int(theta) if float(theta).is_integer() else float(theta)
     if rope_type in _DEFAULT_ROPE_TYPES:
         return theta, None
     if rope_type != "llama3":
-        raise ValueError(f"{source}: rope type {rope_type!r} is not supported; supported: default, llama3")
+        raise ConfigError(
+            f"{keys.source}: rope type {short_repr(rope_type)} is not supported; supported: default, llama3"
+        )
     canonical: dict[str, Any] = {"rope_type": "llama3"}
+    for key in _LLAMA3_KEYS[:-1]:
+        canonical[key] = scaling.number(key, default=None)
+    original = "original_max_position_embeddings"
+    canonical[original] = scaling.integer(original, maximum=MAX_SIZES["max_position_embeddings"], default=None)
+    if canonical[original] is None:
+        canonical[original] = keys.integer("max_position_embeddings", maximum=MAX_SIZES["max_position_embeddings"],
+                                           default=None)
     for key in _LLAMA3_KEYS:
-        value = scaling.get(key, config.get("max_position_embeddings") if key.startswith("original") else None)
-        if value is None:
-            raise ValueError(f"{source}: llama3 rope scaling needs {key}")
-        canonical[key] = value
+        if canonical[key] is None:
+            raise ConfigError(f"{keys.source}: llama3 rope scaling needs {key}")
     return theta, canonical
 
 
-def _biases(arch: Architecture, config: dict[str, Any], source: str) -> tuple[bool, bool]:
+def _biases(arch: Architecture, keys: _Keys) -> tuple[bool, bool]:
     if arch.name == "Qwen2ForCausalLM":
         return True, False  # Qwen2: biased q/k/v, nothing else
-    attention, mlp = bool(config.get("attention_bias", False)), bool(config.get("mlp_bias", False))
+    attention, mlp = keys.flag("attention_bias"), keys.flag("mlp_bias")
     if attention != mlp:
-        raise ValueError(
-            f"{source}: attention_bias={attention} with mlp_bias={mlp} is not supported "
+        raise ConfigError(
+            f"{keys.source}: attention_bias={attention} with mlp_bias={mlp} is not supported "
             "(the output projection and the MLP share one bias setting here)"
         )
     return attention, attention
 
 
-def _check_supported_features(arch: Architecture, config: dict[str, Any], source: str) -> None:
-    if config.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{source}: hidden_act={config['hidden_act']!r} is not supported (silu only)")
-    if config.get("use_sliding_window"):
-        raise ValueError(f"{source}: use_sliding_window=true is not supported (full attention only)")
+def _check_supported_features(keys: _Keys) -> None:
+    activation = keys.text("hidden_act", "silu")
+    if activation != "silu":
+        raise ConfigError(f"{keys.source}: hidden_act={short_repr(activation)} is not supported (silu only)")
+    if keys.flag("use_sliding_window"):
+        raise ConfigError(f"{keys.source}: use_sliding_window=true is not supported (full attention only)")
+
+
+def _check_dtype(keys: _Keys) -> None:
+    for key in ("dtype", "torch_dtype"):
+        name = keys.text(key)
+        if name is not None and name not in _FLOAT_DTYPES:
+            raise keys.invalid(key, name, f"one of {', '.join(_FLOAT_DTYPES)}")
+
+
+def _sizes(keys: _Keys) -> dict[str, Any]:
+    """The provider's size fields, each within `MAX_SIZES` and consistent with the others."""
+    size = {}
+    for key, limit in MAX_SIZES.items():
+        size[key] = keys.integer(key, maximum=limit, default=None if key in _OPTIONAL_SIZES else _REQUIRED)
+    heads, groups = size["num_attention_heads"], size["num_key_value_heads"] or size["num_attention_heads"]
+    if heads % groups != 0:
+        raise keys.invalid("num_key_value_heads", groups, f"a divisor of num_attention_heads={heads}")
+    head_dim = size["head_dim"]
+    if head_dim is None and size["hidden_size"] % heads != 0:
+        raise keys.invalid("hidden_size", size["hidden_size"],
+                           f"a multiple of num_attention_heads={heads} (or set head_dim)")
+    if (head_dim or size["hidden_size"] // heads) % 2 != 0:
+        key = "head_dim" if head_dim else "hidden_size"
+        raise keys.invalid(key, size[key], f"an even head dimension (rotary embeddings) with num_attention_heads="
+                                           f"{heads}")
+    return dict(
+        num_layers=size["num_hidden_layers"], hidden_size=size["hidden_size"],
+        ffn_hidden_size=size["intermediate_size"], num_attention_heads=heads, num_query_groups=groups,
+        kv_channels=head_dim, vocab_size=size["vocab_size"],
+        # The model's context length; training usually sets a shorter seq_length (with dataset.seq_length).
+        seq_length=size["max_position_embeddings"] or 4096,
+    )
 
 
 def provider_from_hf_config(config: dict[str, Any], source: str = "config.json") -> GPTModelProvider:
-    """The provider (of the architecture's class) that `config` describes; `ValueError` naming any bad field."""
+    """The provider (of the architecture's class) that `config` describes.
+
+    Every key read is checked for its JSON type and range first (`ConfigError` naming `source` and the
+    key); nothing is built here.
+    """
     arch = architecture_of(config, source)
-    _check_supported_features(arch, config, source)
-    heads = _require(config, "num_attention_heads", source)
-    vocab = _require(config, "vocab_size", source)
-    theta, scaling = _rope(config, source)
-    qkv_bias, linear_bias = _biases(arch, config, source)
+    keys = _Keys(config, source)
+    _check_supported_features(keys)
+    _check_dtype(keys)
+    sizes = _sizes(keys)
+    theta, scaling = _rope(keys)
+    qkv_bias, linear_bias = _biases(arch, keys)
     provider = arch.provider_class(
-        num_layers=_require(config, "num_hidden_layers", source),
-        hidden_size=_require(config, "hidden_size", source),
-        ffn_hidden_size=_require(config, "intermediate_size", source),
-        num_attention_heads=heads,
-        num_query_groups=config.get("num_key_value_heads") or heads,
-        kv_channels=config.get("head_dim") or None,
-        vocab_size=vocab,
+        **sizes,
         # Pad to a divisor of the vocabulary, i.e. not at all: logits keep Hugging Face's shape.
-        make_vocab_size_divisible_by=math.gcd(vocab, 128),
-        # The model's context length; training usually sets a shorter seq_length (with dataset.seq_length).
-        seq_length=config.get("max_position_embeddings") or 4096,
+        make_vocab_size_divisible_by=math.gcd(sizes["vocab_size"], 128),
         normalization="RMSNorm",
-        layernorm_epsilon=config.get("rms_norm_eps", 1e-6),
+        layernorm_epsilon=keys.number("rms_norm_eps", default=1e-6),
         gated_linear_unit=True,
         add_qkv_bias=qkv_bias,
         add_bias_linear=linear_bias,
         rotary_base=theta,
         rope_scaling=scaling,
-        share_embeddings_and_output_weights=bool(config.get("tie_word_embeddings", False)),
-        init_method_std=config.get("initializer_range", 0.02),
-        attention_dropout=config.get("attention_dropout", 0.0) or 0.0,
+        share_embeddings_and_output_weights=keys.flag("tie_word_embeddings"),
+        init_method_std=keys.number("initializer_range", default=0.02),
+        attention_dropout=keys.probability("attention_dropout"),
         hidden_dropout=0.0,
     )
     try:
         provider.validate()
     except ValueError as err:
-        raise ValueError(f"{source} describes an unsupported model: {err}") from err
+        raise ConfigError(f"{source} describes an unsupported model: {err}") from err
     return provider
 
 

@@ -4,6 +4,11 @@ A folder holds `config.json` and its weights in one of four layouts, tried in th
 `model.safetensors`; `model.safetensors.index.json` with the shards it names; `pytorch_model.bin`;
 `pytorch_model.bin.index.json` with its shards. Pickle (`*.bin`) files are opened only with
 `torch.load(weights_only=True)`, which rebuilds tensors and refuses to call anything else.
+
+Every file is opened through `resolve`: a name read from an index (or a symlink in the folder) that
+leads out of the folder is refused, except for the Hugging Face hub cache's own layout, where a
+snapshot's files are symlinks into the repository's `blobs/` folder. JSON files are read only up to
+`MAX_JSON_BYTES`.
 """
 
 from __future__ import annotations
@@ -19,7 +24,10 @@ from typing import Any
 
 import torch
 
+from megatron.bridge.models.conversion.errors import ConversionError
 from megatron.bridge.models.conversion.safetensors_io import INDEX_FILE, SINGLE_FILE, SafetensorsReader, TensorSpec
+from megatron.bridge.utils.errors import short_repr
+from megatron.bridge.utils.paths import resolve_inside
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -31,32 +39,67 @@ TOKENIZER_FILE_PATTERNS = (
 )
 """Tokenizer files copied along with the weights (`tokenizer.json`, `tokenizer_config.json`, ...)."""
 _LAYOUTS = f"{SINGLE_FILE}, {INDEX_FILE} with its shards, {PICKLE_FILE} or {PICKLE_INDEX_FILE} with its shards"
+MAX_JSON_BYTES = 64 * 2**20
+"""Largest config or index file read; the index of a model of a trillion parameters is a few megabytes."""
+
+
+def resolve(folder: Path, name: object, *, what: str) -> Path:
+    """`folder / name` once checked to stay inside `folder` (see `utils.paths.resolve_inside`).
+
+    `what` says where `name` came from. In the hub cache (`<repo>/snapshots/<hash>/`) symlinks may lead
+    anywhere inside the repository folder, which holds the `blobs/` they point to.
+    """
+    snapshot = folder.resolve()
+    repository = snapshot.parent.parent
+    if snapshot.parent.name != "snapshots" or not (repository / "blobs").is_dir():
+        return resolve_inside(folder, name, what=what)
+    # `snapshots/<hash>/<name>`: the name itself is checked as usual, its symlinks against the repository.
+    relative = str(snapshot.relative_to(repository) / name) if isinstance(name, str) and name else name
+    resolve_inside(repository, relative, what=what)
+    return folder / name
 
 
 def read_json_file(path: Path, what: str = "JSON file") -> dict[str, Any]:
-    """A JSON object from `path`; `ValueError` naming the file when it is missing or not a JSON object."""
+    """A JSON object from `path` (at most `MAX_JSON_BYTES`); `ConversionError` naming the file otherwise."""
+    if not path.exists():
+        raise ConversionError(f"{path} not found: a Hugging Face model folder needs its {what}")
+    if not path.is_file():  # a folder, or a pipe that would block the read
+        raise ConversionError(f"cannot read {path}: not a regular file")
     try:
-        value = json.loads(path.read_text())
-    except FileNotFoundError as err:
-        raise ValueError(f"{path} not found: a Hugging Face model folder needs its {what}") from err
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"cannot read {path}: {err}") from err
+        with open(path, "rb") as f:
+            data = f.read(MAX_JSON_BYTES + 1)
+    except OSError as err:
+        raise ConversionError(f"cannot read {path}: {err}") from err
+    if len(data) > MAX_JSON_BYTES:
+        raise ConversionError(f"cannot read {path}: larger than {MAX_JSON_BYTES // 2**20} MiB (for its {what})")
+    try:
+        value = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConversionError(f"cannot read {path}: {err}") from err
+    except (ValueError, RecursionError) as err:  # a number of thousands of digits, nesting too deep
+        raise ConversionError(f"cannot read {path}: an unreadable value ({short_repr(str(err))})") from err
     if not isinstance(value, dict):
-        raise ValueError(f"{path} is not a JSON object")
+        raise ConversionError(f"{path} is not a JSON object")
     return value
 
 
 def read_config(folder: Path) -> dict[str, Any]:
     """The model's `config.json`."""
     if not folder.is_dir():
-        raise ValueError(f"{folder} is not a folder: pass a local Hugging Face model folder (download it first)")
-    return read_json_file(folder / CONFIG_FILE, f"{CONFIG_FILE} (the model's architecture)")
+        raise ConversionError(
+            f"{folder} is not a folder: pass a local Hugging Face model folder (download it first)"
+        )
+    path = resolve(folder, CONFIG_FILE, what=str(folder))
+    return read_json_file(path, f"{CONFIG_FILE} (the model's architecture)")
 
 
 def auxiliary_files(folder: Path) -> list[Path]:
-    """`generation_config.json` and the tokenizer files of `folder`, copied verbatim into converted folders."""
+    """`generation_config.json` and the tokenizer files of `folder`, copied verbatim into converted folders.
+
+    A symlink among them that leads out of the folder is refused: its target would be copied out.
+    """
     found = {p for pattern in (GENERATION_CONFIG_FILE, *TOKENIZER_FILE_PATTERNS) for p in folder.glob(pattern)}
-    return sorted(p for p in found if p.is_file())
+    return sorted(resolve(folder, p.name, what=str(folder)) for p in found if p.is_file())
 
 
 class _PickleFile:
@@ -82,12 +125,12 @@ def _load_pickle_weights(path: Path) -> dict[str, torch.Tensor]:
         except RuntimeError:  # the legacy (pre-zip) format cannot be memory-mapped
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, AttributeError, ValueError) as err:
-        raise ValueError(
+        raise ConversionError(
             f"refusing to load {path}: not a plain tensor file under torch.load(weights_only=True) ({err}). "
             "Convert it to safetensors with a tool you trust"
         ) from err
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-        raise ValueError(f"{path} does not hold a dict of tensors")
+        raise ConversionError(f"{path} does not hold a dict of tensors")
     return loaded
 
 
@@ -120,26 +163,29 @@ class HFWeights:
         elif (folder / PICKLE_INDEX_FILE).is_file():
             self._add_sharded(PICKLE_INDEX_FILE, self._add_pickle)
         else:
-            raise ValueError(f"{folder} holds no weights: expected {_LAYOUTS}")
+            raise ConversionError(f"{folder} holds no weights: expected {_LAYOUTS}")
 
     def _add_sharded(self, index_name: str, add: Any) -> None:
-        index = read_json_file(self.folder / index_name, "weight index")
+        index_path = resolve(self.folder, index_name, what=str(self.folder))
+        index = read_json_file(index_path, "weight index")
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{self.folder / index_name} has no weight_map")
+            raise ConversionError(f"{index_path} has no weight_map (an object of tensor name -> shard file)")
+        for name, shard in weight_map.items():  # every name is checked before any shard is opened
+            resolve(self.folder, shard, what=f"{index_path} weight_map[{short_repr(name)}]")
         for shard in sorted(set(weight_map.values())):
             if not (self.folder / shard).is_file():
-                raise ValueError(f"shard {shard} listed in {self.folder / index_name} is missing from {self.folder}")
+                raise ConversionError(f"shard {shard} listed in {index_path} is missing from {self.folder}")
         for shard in sorted(set(weight_map.values())):
             add(shard, {name for name, file in weight_map.items() if file == shard})
 
     def _add_safetensors(self, file_name: str, listed: set[str] | None) -> None:
-        reader = SafetensorsReader(self.folder / file_name)
+        reader = SafetensorsReader(resolve(self.folder, file_name, what=str(self.folder)))
         self._register(file_name, reader.specs, listed)
         self._safetensors[file_name] = reader
 
     def _add_pickle(self, file_name: str, listed: set[str] | None) -> None:
-        handle = _PickleFile(self.folder / file_name)
+        handle = _PickleFile(resolve(self.folder, file_name, what=str(self.folder)))
         specs = {name: TensorSpec(tuple(t.shape), t.dtype) for name, t in handle.tensors().items()}
         handle.release()
         self._register(file_name, specs, listed)
@@ -148,7 +194,9 @@ class HFWeights:
     def _register(self, file_name: str, specs: dict[str, TensorSpec], listed: set[str] | None) -> None:
         if listed is not None and not listed <= set(specs):
             absent = sorted(listed - set(specs))[:8]
-            raise ValueError(f"{self.folder / file_name} lacks tensors its index places there: {absent}")
+            raise ConversionError(
+                f"{self.folder / file_name} lacks tensors its index places there: {short_repr(absent)}"
+            )
         for name, spec in specs.items():
             if listed is None or name in listed:
                 self.specs[name], self.location[name] = spec, file_name
@@ -156,7 +204,7 @@ class HFWeights:
     def read(self, name: str) -> torch.Tensor:
         """Tensor `name` as stored (a new CPU tensor for safetensors files)."""
         if name not in self.location:
-            raise ValueError(f"{self.folder} has no tensor {name!r}")
+            raise ConversionError(f"{self.folder} has no tensor {short_repr(name)}")
         file_name = self.location[name]
         if file_name in self._safetensors:
             return self._safetensors[file_name].read(name)
@@ -172,9 +220,9 @@ class HFWeights:
 def check_output_folder(path: Path, overwrite: bool) -> None:
     """Refuse to write into an existing non-empty folder (or over a file) unless `overwrite`."""
     if path.exists() and not path.is_dir():
-        raise ValueError(f"output {path} exists and is not a folder")
+        raise ConversionError(f"output {path} exists and is not a folder")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise ValueError(
+        raise ConversionError(
             f"output folder {path} exists and is not empty; pass overwrite=True (--overwrite) to replace it"
         )
 

@@ -22,6 +22,7 @@ import yaml
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from megatron.bridge import models
+from megatron.bridge.models.conversion.errors import ConversionError
 from megatron.bridge.models.conversion.hf_config import (
     config_dtype,
     dtype_key,
@@ -39,6 +40,7 @@ from megatron.bridge.models.conversion.hf_folder import (
 )
 from megatron.bridge.models.conversion.param_mapping import (
     TensorPlan,
+    check_layer_count,
     check_tensors,
     megatron_param_shapes,
     to_hf_name,
@@ -49,6 +51,7 @@ from megatron.bridge.training import checkpoint_io as io
 from megatron.bridge.training.checkpointing import FORMAT_VERSION
 from megatron.bridge.training.config import ConfigContainer, GPTDatasetConfig, OptimizerConfig, TrainingConfig
 from megatron.bridge.training.state import TrainState
+from megatron.bridge.utils.safe_yaml import load_yaml_file
 
 MODEL_PREFIX = "model."
 """Key prefix of model tensors in a checkpoint."""
@@ -61,7 +64,7 @@ _MAX_ANCESTORS = 16
 @contextlib.contextmanager
 def _single_process() -> Iterator[None]:
     if dist.is_initialized() and dist.get_world_size() > 1:
-        raise ValueError("checkpoint conversion runs in a single process: call it outside torchrun (or on a "
+        raise ConversionError("checkpoint conversion runs in a single process: call it outside torchrun (or on a "
                          "world of one); several ranks would each wait for the others")
     with warnings.catch_warnings():
         # Without a process group torch.distributed.checkpoint warns that it assumes one process: it should.
@@ -112,23 +115,21 @@ def _iteration_directory(root: Path, iteration: int | None) -> Path:
     if iteration is None:
         directory = io.find_latest(root)
         if directory is None:
-            raise ValueError(f"{root} holds no checkpoint (expected iter_* folders, or an iter_* folder)")
+            raise ConversionError(f"{root} holds no checkpoint (expected iter_* folders, or an iter_* folder)")
         return directory
     directory = io.iteration_dir(root, iteration)
     if not directory.is_dir():
         available = io.list_iterations(root)
-        raise ValueError(f"{root} has no checkpoint of iteration {iteration}; available: {available or 'none'}")
+        raise ConversionError(f"{root} has no checkpoint of iteration {iteration}; available: {available or 'none'}")
     return directory
 
 
 def _read_run_config(directory: Path) -> dict[str, Any]:
+    # Through safe_yaml: a checkpoint may come from anyone, and its YAML must not expand without bound.
     path = directory / io.CONFIG_FILE
     if not path.is_file():
         return {}
-    try:
-        loaded = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise ValueError(f"cannot read {path}: {err}") from err
+    loaded = load_yaml_file(path)
     return loaded if isinstance(loaded, dict) else {}
 
 
@@ -143,7 +144,9 @@ def find_hf_source(directory: Path) -> Path | None:
         seen.add(current)
         if (current / HF_SUBDIR / CONFIG_FILE).is_file():
             return current / HF_SUBDIR
-        checkpoint_cfg = _read_run_config(current).get("checkpoint") or {}
+        checkpoint_cfg = _read_run_config(current).get("checkpoint")
+        if not isinstance(checkpoint_cfg, dict):
+            continue
         for key in ("pretrained_checkpoint", "load"):
             origin = checkpoint_cfg.get(key)
             latest = io.find_latest(origin) if isinstance(origin, str) else None
@@ -162,13 +165,19 @@ def provider_from_run_config(directory: Path) -> GPTModelProvider:
     """The provider run_config.yaml's model section describes (only known provider classes are built)."""
     model = _read_run_config(directory).get("model")
     if not isinstance(model, dict):
-        raise ValueError(
+        raise ConversionError(
             f"{directory} has no {HF_SUBDIR}/{CONFIG_FILE} and no model section in {io.CONFIG_FILE}, and no "
             "checkpoint it was trained from has one: pass source= (--source) naming the original Hugging Face folder"
         )
-    cls = _provider_classes().get(model.get("_target_"), GPTModelProvider)
+    target = model.get("_target_")
+    cls = _provider_classes().get(target, GPTModelProvider) if isinstance(target, str) else GPTModelProvider
     names = {f.name for f in dataclasses.fields(cls) if f.init}
-    return cls(**{key: value for key, value in model.items() if key in names})
+    provider = cls(**{key: value for key, value in model.items() if key in names})
+    try:
+        provider.validate()
+    except (ValueError, TypeError) as err:  # TypeError: a value of another type, e.g. a string to compare
+        raise ConversionError(f"{directory / io.CONFIG_FILE}: its model section is invalid: {err}") from err
+    return provider
 
 
 def _stored_model_tensors(directory: Path) -> dict[str, TensorStorageMetadata]:
@@ -214,11 +223,13 @@ def export_weights(megatron_path: str | Path, hf_path: str | Path, *, iteration:
     directory = _iteration_directory(Path(megatron_path), iteration)
     common = io.read_json(directory / io.COMMON_FILE)
     if not isinstance(common, dict) or common.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{directory / io.COMMON_FILE}: unknown checkpoint format (expected format_version "
+        raise ConversionError(f"{directory / io.COMMON_FILE}: unknown checkpoint format (expected format_version "
                          f"{FORMAT_VERSION})")
     stored = _stored_model_tensors(directory)
     config, extra_files, config_source = _export_config(directory, source, dtype, stored)
-    shapes = megatron_param_shapes(provider_from_hf_config(config, str(config_source)))
+    provider = provider_from_hf_config(config, str(config_source))
+    check_layer_count(stored, provider.num_layers, source=f"checkpoint {directory}", expected_from=str(config_source))
+    shapes = megatron_param_shapes(provider)
     check_tensors({n: tuple(m.size) for n, m in stored.items()}, shapes, source=f"checkpoint {directory}",
                   expected_from=str(config_source))
     if dtype is not None:

@@ -8,16 +8,18 @@ splitting, fusing or permuting. `{layer}` stands for the layer index.
 from __future__ import annotations
 
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import NamedTuple
 
 import torch
 
+from megatron.bridge.models.conversion.errors import ConversionError
 from megatron.bridge.models.conversion.safetensors_io import TensorSpec
 from megatron.bridge.models.decoder import GPTModel
 from megatron.bridge.models.gpt_provider import GPTModelProvider
+from megatron.bridge.utils.errors import short_repr
 
 _LAYER = "{layer}"
 
@@ -91,6 +93,8 @@ TIED_OUTPUT_NAME = "lm_head.weight"
 IGNORED_HF_NAMES = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 """Buffers older checkpoints saved that hold no learned state (rotary frequencies are recomputed)."""
 
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d{1,9})\.")  # ours (`layers.3.`) and Hugging Face's (`model.layers.3.`)
+
 
 def to_hf_name(megatron_name: str) -> str:
     """The Hugging Face tensor name of our parameter `megatron_name`; `ValueError` if it has none."""
@@ -98,7 +102,7 @@ def to_hf_name(megatron_name: str) -> str:
         hf_name = mapping.hf_name(megatron_name)
         if hf_name is not None:
             return hf_name
-    raise ValueError(
+    raise ConversionError(
         f"parameter {megatron_name!r} has no Hugging Face equivalent; the bridge converts "
         f"{', '.join(m.megatron for m in PARAM_MAPPINGS)}"
     )
@@ -126,6 +130,20 @@ def hf_tensor_shapes(provider: GPTModelProvider) -> dict[str, torch.Size]:
     return {to_hf_name(name): shape for name, shape in megatron_param_shapes(provider).items()}
 
 
+def check_layer_count(names: Iterable[str], num_layers: int, *, source: str, expected_from: str,
+                      key: str = "num_hidden_layers") -> None:
+    """Raise `ConversionError` unless the tensor `names` of `source` hold exactly layers 0..num_layers-1.
+
+    Cheap, so it runs before anything is built for `num_layers` layers: a config claiming thousands of
+    layers is refused at once, not after building them all only to find the tensors missing.
+    """
+    found = {int(match.group(1)) for name in names if (match := _LAYER_INDEX.search(name))}
+    if len(found) == num_layers and (not found or (min(found) == 0 and max(found) == num_layers - 1)):
+        return
+    held = f"{len(found)} layers, numbered {min(found)} to {max(found)}" if found else "no layers"
+    raise ConversionError(f"{expected_from}: {key}={num_layers} does not match {source}, which holds {held}")
+
+
 def check_tensors(
     found: dict[str, tuple[int, ...]],
     expected: dict[str, tuple[int, ...]],
@@ -135,7 +153,7 @@ def check_tensors(
     ignorable: Collection[str] = (),
     locations: dict[str, str] | None = None,
 ) -> None:
-    """Raise `ValueError` naming every missing, unexpected or mis-shaped tensor of `source`.
+    """Raise `ConversionError` naming every missing, unexpected or mis-shaped tensor of `source`.
 
     `ignorable` names may be present or not; `locations` maps a tensor name to the file holding it.
     """
@@ -150,14 +168,16 @@ def check_tensors(
         if names:
             listed = ", ".join(_located(name, where) for name in names[:8])
             problems.append(f"{label}: {listed}{' ...' if len(names) > 8 else ''}")
-    for name, shape in expected.items():
-        if name in found and tuple(found[name]) != tuple(shape):
-            problems.append(
-                f"{_located(name, where)} has shape {tuple(found[name])}, {expected_from} expects {tuple(shape)}"
-            )
+    misshaped = [name for name, shape in expected.items() if name in found and tuple(found[name]) != tuple(shape)]
+    for name in misshaped[:8]:
+        problems.append(f"{_located(name, where)} has shape {short_repr(tuple(found[name]))}, {expected_from} "
+                        f"expects {tuple(expected[name])}")
+    if len(misshaped) > 8:
+        problems.append(f"{len(misshaped) - 8} more tensors of another shape")
     if problems:
-        raise ValueError(f"{source} does not match {expected_from}: " + "; ".join(problems))
+        raise ConversionError(f"{source} does not match {expected_from}: " + "; ".join(problems))
 
 
 def _located(name: str, where: dict[str, str]) -> str:
-    return f"{name} (in {where[name]})" if name in where else name
+    shown = name if len(name) <= 200 else f"{name[:200]}..."  # names come from files: any length
+    return f"{shown} (in {where[name]})" if name in where else shown

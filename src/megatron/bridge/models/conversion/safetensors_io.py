@@ -13,6 +13,7 @@ set; `safetensors.torch.save_file` would build the whole file's bytes in memory 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -22,6 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from megatron.bridge.models.conversion.errors import ConversionError
+from megatron.bridge.utils.errors import ConfigError, short_repr
 
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -59,13 +63,18 @@ def parse_size(size: int | str) -> int:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(size))
     if match and match.group(2).upper() in _SIZE_UNITS and float(match.group(1)) > 0:
         return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
-    raise ValueError(
-        f"max_shard_size={size!r} is invalid: a positive number of bytes or a string like '5GB' or '500MiB'"
+    raise ConfigError(
+        f"max_shard_size={short_repr(size)} is invalid: a positive number of bytes or a string like '5GB' or '500MiB'"
     )
 
 
 class SafetensorsReader:
-    """The header of one safetensors file, and its tensors read on request."""
+    """The header of one safetensors file, and its tensors read on request.
+
+    Nothing in the header is trusted: its length must fit the file (and `_MAX_HEADER_BYTES`), every
+    entry needs a known dtype, a shape of non-negative integers and offsets inside the data that match
+    the shape and overlap no other tensor. Anything else is a `ConversionError` naming the file.
+    """
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -74,47 +83,83 @@ class SafetensorsReader:
         self._offsets: dict[str, int] = {}
         self._read_header()
 
-    def _fail(self, why: str) -> ValueError:
-        return ValueError(f"{self.path} is not a valid safetensors file: {why}")
+    def _fail(self, why: str) -> ConversionError:
+        return ConversionError(f"{self.path} is not a valid safetensors file: {why}")
 
     def _read_header(self) -> None:
+        if self.path.exists() and not self.path.is_file():  # a pipe would block the open below
+            raise ConversionError(f"{self.path} is not a regular file")
         try:
             with open(self.path, "rb") as f:
+                file_size = os.fstat(f.fileno()).st_size
                 size_bytes = f.read(8)
-                if len(size_bytes) != 8:
-                    raise self._fail("shorter than its 8-byte header length")
-                (header_len,) = struct.unpack("<Q", size_bytes)
-                if header_len > _MAX_HEADER_BYTES:
-                    raise self._fail(f"header of {header_len} bytes")
-                header = json.loads(f.read(header_len))
+                header_len = struct.unpack("<Q", size_bytes)[0] if len(size_bytes) == 8 else None
+                if header_len is not None and header_len <= min(_MAX_HEADER_BYTES, file_size - 8):
+                    header_bytes = f.read(header_len)
         except OSError as err:
-            raise ValueError(f"cannot read {self.path}: {err}") from err
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise self._fail(f"header is not JSON ({err})") from err
+            raise ConversionError(f"cannot read {self.path}: {err}") from err
+        if header_len is None:
+            raise self._fail("shorter than its 8-byte header length")
+        if header_len > min(_MAX_HEADER_BYTES, file_size - 8):
+            limit = "the file's size" if header_len > file_size - 8 else f"the {_MAX_HEADER_BYTES}-byte limit"
+            raise self._fail(f"header length {header_len} exceeds {limit} ({file_size} bytes in all)")
+        header = self._parse_json(header_bytes)
         if not isinstance(header, dict):
             raise self._fail("header is not a JSON object")
-        data_start, data_len = 8 + header_len, self.path.stat().st_size - 8 - header_len
-        self.metadata = header.pop("__metadata__", None) or {}
+        self.metadata = self._parse_metadata(header.pop("__metadata__", None))
+        data_start, data_len = 8 + header_len, file_size - 8 - header_len
+        ranges = []
         for name, entry in header.items():
             spec, begin = self._parse_entry(name, entry, data_len)
             self.specs[name], self._offsets[name] = spec, data_start + begin
+            ranges.append((begin, begin + spec.nbytes, name))
+        self._check_no_overlap(ranges)
+
+    def _parse_json(self, header_bytes: bytes) -> object:
+        try:
+            return json.loads(header_bytes)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise self._fail(f"header is not JSON ({err})") from err
+        except (ValueError, RecursionError) as err:  # a number of thousands of digits, nesting too deep
+            raise self._fail(f"header holds an unreadable value ({short_repr(str(err))})") from err
+
+    def _parse_metadata(self, metadata: object) -> dict[str, str]:
+        if metadata is None:
+            return {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise self._fail(f"__metadata__={short_repr(metadata)} is not an object of strings")
+        return metadata
 
     def _parse_entry(self, name: str, entry: object, data_len: int) -> tuple[TensorSpec, int]:
-        try:
-            dtype = _DTYPES[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise self._fail(f"bad header entry for tensor {name!r} ({err!r})") from err
-        spec = TensorSpec(shape, dtype)
-        if min(shape, default=0) < 0 or not 0 <= begin <= end <= data_len or end - begin != spec.nbytes:
-            raise self._fail(f"tensor {name!r}: offsets [{begin}, {end}] do not fit shape {shape} of {dtype}")
+        label = f"tensor {short_repr(name)}"
+        if not isinstance(entry, dict):
+            raise self._fail(f"{label}: {short_repr(entry)} is not an object with dtype, shape and data_offsets")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            raise self._fail(f"{label}: dtype {short_repr(dtype)} is not one of {', '.join(_DTYPES)}")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise self._fail(f"{label}: shape {short_repr(shape)} is not a list of non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+            raise self._fail(f"{label}: data_offsets {short_repr(offsets)} is not a pair of non-negative integers")
+        spec = TensorSpec(tuple(shape), _DTYPES[dtype])
+        begin, end = offsets
+        if not begin <= end <= data_len or end - begin != spec.nbytes:
+            raise self._fail(
+                f"{label}: offsets [{begin}, {end}] do not fit shape {tuple(shape)} of {dtype} inside the "
+                f"{data_len} data bytes"
+            )
         return spec, begin
+
+    def _check_no_overlap(self, ranges: list[tuple[int, int, str]]) -> None:
+        ranges.sort()
+        for (_, end, name), (begin, _, other) in itertools.pairwise(ranges):
+            if begin < end:
+                raise self._fail(f"tensors {short_repr(name)} and {short_repr(other)} share bytes {begin}..{end}")
 
     def read(self, name: str) -> torch.Tensor:
         """A new CPU tensor holding `name`'s data."""
         if name not in self.specs:
-            raise ValueError(f"{self.path} has no tensor {name!r}")
+            raise ConversionError(f"{self.path} has no tensor {short_repr(name)}")
         spec = self.specs[name]
         tensor = torch.empty(spec.shape, dtype=spec.dtype)
         if spec.nbytes:
@@ -122,8 +167,12 @@ class SafetensorsReader:
             with open(self.path, "rb") as f:
                 f.seek(self._offsets[name])
                 if f.readinto(buffer) != spec.nbytes:
-                    raise self._fail(f"tensor {name!r} is truncated")
+                    raise self._fail(f"tensor {short_repr(name)} is truncated")
         return tensor
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def plan_shards(specs: list[tuple[str, TensorSpec]], max_shard_size: int) -> list[list[tuple[str, TensorSpec]]]:
