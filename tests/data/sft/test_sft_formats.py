@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import CHATML, make_tokenizer_folder
+from sft_helpers import CHATML, make_tokenizer_folder
 
 from megatron.bridge.data import (
     ChatSFTPreprocessingConfig,
@@ -100,7 +100,8 @@ BAD_CASES = {
 @pytest.mark.parametrize("case", sorted(BAD_CASES))
 def test_bad_lines_are_named_and_nothing_is_written(dataset, chatml, case):
     rows, message = BAD_CASES[case]
-    preprocessing = PromptCompletionSFTPreprocessingConfig() if case == "conversation for prompt preprocessing" else None
+    prompt_only = case == "conversation for prompt preprocessing"
+    preprocessing = PromptCompletionSFTPreprocessingConfig() if prompt_only else None
     config = dataset(rows, preprocessing=preprocessing, enable_offline_packing=True,
                      offline_packing_specs=PackedSequenceSpecs(packed_sequence_size=64))
     with pytest.raises(SFTDataError, match=r"training\.jsonl" + message):

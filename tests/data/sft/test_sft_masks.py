@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import CHATML, CHATML_GENERATION, make_tokenizer_folder
+from sft_helpers import CHATML, CHATML_GENERATION, make_tokenizer_folder
 
 from megatron.bridge.data import (
     ChatSFTPreprocessingConfig,

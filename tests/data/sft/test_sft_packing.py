@@ -7,7 +7,7 @@ import pickle
 
 import numpy as np
 import pytest
-from conftest import CHATML_GENERATION, make_tokenizer_folder
+from sft_helpers import CHATML_GENERATION, make_tokenizer_folder
 
 from megatron.bridge.data import (
     HuggingFaceTokenizer,
@@ -81,7 +81,8 @@ def test_packs_hold_every_example_with_restarting_positions_and_boundaries(datas
     assert int(batch["max_seqlen"]) == 11
     # No label crosses into the next example: each example's last label is its own eos.
     assert batch["labels"][full].tolist()[:15] == [14, 15, 16, 17, 18, 19, 20, 99, 2, 3, 4, 5, 99, 7, 99]
-    assert batch["loss_mask"][full].tolist() == [1] * 8 + [0, 1, 1, 1, 1] + [1, 1] + [0]  # label 2 is prompt, then the pad
+    # Label 2 is the second example's prompt; the last position is the pad.
+    assert batch["loss_mask"][full].tolist() == [1] * 8 + [0, 1, 1, 1, 1] + [1, 1] + [0]
     assert stats.splits["train"].packing_efficiency == pytest.approx((8 + 5 + 2 + 5) / 32)
 
 
