@@ -15,6 +15,7 @@ from megatron.bridge.data import (
     PromptCompletionSFTPreprocessingConfig,
 )
 from megatron.bridge.data.sft.builder import build_sft_split
+from megatron.bridge.utils.errors import ConfigError
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
@@ -150,7 +151,7 @@ def test_add_bos_needs_a_bos_token(dataset, tmp_path):
     with_bos = HuggingFaceTokenizer(make_tokenizer_folder(tmp_path / "bos", bos=True))
     split = build_sft_split(config, with_bos, "train")
     assert split.rows.ids[0] == with_bos.bos_id and with_bos.bos_id is not None
-    with pytest.raises(ValueError, match="add_bos=True is invalid: the tokenizer has no beginning-of-sequence"):
+    with pytest.raises(ConfigError, match="preprocessing.add_bos=True is invalid: False: the tokenizer has no begin"):
         build_sft_split(config, NullTokenizer(100), "train")
 
 

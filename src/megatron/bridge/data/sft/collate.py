@@ -116,6 +116,7 @@ class GlobalBatchSampler:
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.consumed_samples, self.seed, self.shuffle = consumed_samples, seed, shuffle
         self.pad_to_multiple_of, self.max_length = pad_to_multiple_of, max_length
+        self._orders: dict[int, np.ndarray] = {}
 
     def __iter__(self) -> Iterator[MicroBatchPlan]:
         step = self.consumed_samples // self.global_batch_size
@@ -132,12 +133,19 @@ class GlobalBatchSampler:
         total = len(self.row_positions)
         samples = np.arange(step * self.global_batch_size, (step + 1) * self.global_batch_size)
         epochs, places = samples // total, samples % total
-        rows = places.copy()
-        if self.shuffle:
-            for epoch in np.unique(epochs):
-                order = np.random.default_rng([self.seed, int(epoch)]).permutation(total)
-                rows[epochs == epoch] = order[places[epochs == epoch]]
+        if not self.shuffle:
+            return places
+        rows = np.empty_like(places)
+        for epoch in np.unique(epochs):
+            rows[epochs == epoch] = self._epoch_order(int(epoch))[places[epochs == epoch]]
         return rows
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        # One permutation per epoch, kept while its global batches are drawn (a batch may span two epochs).
+        if epoch not in self._orders:
+            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
+            self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self.row_positions))
+        return self._orders[epoch]
 
     def _padded_length(self, rows: np.ndarray) -> int:
         longest = int(self.row_positions[rows].max())

@@ -126,7 +126,7 @@ def parse_row(row: dict[str, Any], fmt: RowFormat, where: Location, *, file_form
         looks_like = [f.name for f in FORMATS if f is not fmt and all(key in row for key in f.keys)]
         hint = f"; this line looks like {looks_like[0]}, but a file holds one format" if looks_like else ""
         raise where.error(
-            f"missing key {missing[0]!r}: line {file_format_line} made this a {fmt.name} file "
+            f"missing key {missing[0]!r}: line {file_format_line} set the file's format to {fmt.name} "
             f"(keys {', '.join(fmt.keys)}){hint}"
         )
     if fmt is INPUT_OUTPUT or fmt is PROMPT_COMPLETION:
@@ -200,6 +200,6 @@ def _string(mapping: dict[str, Any], key: str, where: Location, *, what: str = "
 
 
 def _type_name(value: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(value), f"a {type(value).__name__}"
-    )
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)

@@ -28,6 +28,7 @@ from megatron.bridge.data.sft.config import (
     SFTPreprocessingConfig,
 )
 from megatron.bridge.data.sft.formats import Location, Message, PromptCompletion, Row, RowFormat, SFTDataError
+from megatron.bridge.utils.errors import config_error
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,8 @@ class ExampleTokenizer:
         self._template: ChatTemplate | None = None
         if isinstance(preprocessing, PromptCompletionSFTPreprocessingConfig) and preprocessing.add_bos:
             if tokenizer.bos_id is None:
-                raise ValueError("dataset.preprocessing.add_bos=True is invalid: the tokenizer has no "
-                                 "beginning-of-sequence token (bos_token in tokenizer_config.json)")
+                raise config_error("dataset.preprocessing.add_bos", True, "False: the tokenizer has no "
+                                   "beginning-of-sequence token (bos_token in tokenizer_config.json)")
 
     def __call__(self, row: Row, where: Location) -> TokenizedExample | None:
         """The example of `row`, or None when truncation left nothing to learn."""
