@@ -14,6 +14,7 @@ from megatron.bridge.training.gpt_step import forward_step
 VOCAB = 64
 ANSWER = [50, 51, 52]
 EOS = VOCAB - 1
+STEPS = 40
 
 
 def tiny_model(seq_length: int, **overrides) -> torch.nn.Module:
@@ -46,13 +47,13 @@ def global_batch_loss(model, data_iterator, num_microbatches):
 def test_fixed_answers_after_random_prompts_are_learned_and_prompts_never_count(dataset):
     config = dataset(random_prompt_rows(32), seq_length=16, pad_to_multiple_of=8, seed=1)
     data, stats = build_sft_data_iterators(config, NullTokenizer(VOCAB), micro_batch_size=4, global_batch_size=8,
-                                           train_samples=8 * 60, valid_samples=0, test_samples=0)
+                                           train_samples=8 * STEPS, valid_samples=0, test_samples=0)
     assert stats.splits["train"].loss_tokens == 32 * (len(ANSWER) + 1)
-    model = tiny_model(16).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model = tiny_model(16, num_layers=1, hidden_size=32, ffn_hidden_size=64).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     seen = []
     recorder = map(lambda batch: seen.append(batch) or batch, data.train)  # noqa: C417 - keeps every batch
-    for _ in range(60):
+    for _ in range(STEPS):
         optimizer.zero_grad()
         global_batch_loss(model, recorder, num_microbatches=2).backward()
         optimizer.step()
