@@ -109,6 +109,12 @@ def test_bad_lines_are_named_and_nothing_is_written(dataset, chatml, case):
     assert os.listdir(config.dataset_root) == ["training.jsonl"]  # no packed/ folder, no cache, no temp file
 
 
+def test_text_a_null_tokenizer_cannot_read_is_named(dataset):
+    for output, message in (("3 x", r":1: cannot tokenize: invalid literal"), ("3 100", r":1: token ids outside")):
+        with pytest.raises(SFTDataError, match=r"training\.jsonl" + message):
+            build_sft_split(dataset([{"input": "1 2", "output": output}]), NullTokenizer(100), "train")
+
+
 def test_templates_that_fail_are_named_with_the_data_line(dataset, tmp_path):
     broken = HuggingFaceTokenizer(make_tokenizer_folder(tmp_path / "broken", chat_template="{% for m in messages %}"))
     refusing = HuggingFaceTokenizer(make_tokenizer_folder(

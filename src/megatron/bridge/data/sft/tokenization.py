@@ -80,15 +80,20 @@ class ExampleTokenizer:
             example = self._conversation(messages, where)
         else:
             assert isinstance(row, PromptCompletion), "resolve_preprocessing refuses conversations here"
-            example = self._prompt_completion(row)
+            example = self._prompt_completion(row, where)
         return example if example.num_targets > 0 else None
 
-    def _prompt_completion(self, row: PromptCompletion) -> TokenizedExample:
+    def _prompt_completion(self, row: PromptCompletion, where: Location) -> TokenizedExample:
         config = self.preprocessing
         assert isinstance(config, PromptCompletionSFTPreprocessingConfig)
         bos = [self.tokenizer.bos_id] if config.add_bos else []
-        prompt = self.tokenizer.tokenize(config.prompt_template.format(prompt=row.prompt))
-        answer = self.tokenizer.tokenize(config.separator + row.completion)
+        try:  # a NullTokenizer reads the text as ids
+            prompt = self.tokenizer.tokenize(config.prompt_template.format(prompt=row.prompt))
+            answer = self.tokenizer.tokenize(config.separator + row.completion)
+        except ValueError as err:
+            raise where.error(f"cannot tokenize: {err}") from err
+        if any(not 0 <= i < self.tokenizer.vocab_size for i in prompt + answer):
+            raise where.error(f"token ids outside the vocabulary [0, {self.tokenizer.vocab_size})")
         answer += [self.tokenizer.eod] if config.add_eos else []
         prompt, answer, truncated = _truncate_prompt_first(
             prompt, answer, room=self.max_ids - len(bos), method=config.truncation_method
