@@ -41,7 +41,7 @@ def _check_choice(field_name: str, value: Any, choices: tuple[str, ...]) -> None
         raise config_error(field_name, value, f"choose one of {', '.join(choices)}")
 
 
-# TODO(lead): field guard (refuse assignment to misspelled attributes) on the four config classes below.
+# TODO(lead): field guard (KnownFieldsOnly, _section = "dataset.preprocessing")
 @dataclass(kw_only=True)
 class PromptCompletionSFTPreprocessingConfig:
     """Rows with a prompt and an answer: `{"input", "output"}` (SQuAD-style) or `{"prompt", "completion"}`.
@@ -89,6 +89,7 @@ def _template_fields(template: str) -> list[str] | None:
         return None
 
 
+# TODO(lead): field guard (KnownFieldsOnly, _section = "dataset.preprocessing")
 @dataclass(kw_only=True)
 class ChatSFTPreprocessingConfig:
     """Conversations (`{"messages"}` or ShareGPT `{"conversations"}`), rendered with the tokenizer's chat template.
@@ -106,6 +107,7 @@ class ChatSFTPreprocessingConfig:
         _check_choice(f"{prefix}.loss_mode", self.loss_mode, CHAT_LOSS_MODES)
 
 
+# TODO(lead): field guard (KnownFieldsOnly, _section = "dataset.offline_packing_specs")
 @dataclass
 class PackedSequenceSpecs:
     """Offline packing: examples are concatenated into rows of `packed_sequence_size` tokens.
@@ -133,6 +135,7 @@ class PackedSequenceSpecs:
 SFTPreprocessingConfig = PromptCompletionSFTPreprocessingConfig | ChatSFTPreprocessingConfig
 
 
+# TODO(lead): field guard (KnownFieldsOnly, _section = "dataset")
 @dataclass(kw_only=True)
 class GPTSFTDatasetConfig:
     """Finetuning data from `dataset_root/{training,validation,test}.jsonl` (Megatron Bridge's field names).
