@@ -1,4 +1,5 @@
-"""Training data: tokenizers, Megatron indexed datasets, GPT sample packing, blends and the loaders.
+"""Training data: tokenizers, Megatron indexed datasets, GPT sample packing, blends and the loaders;
+finetuning data (instruction rows, answer-only masks, padded or packed batches) in `sft/`.
 
 Commands: `python -m megatron.bridge.data.train_tokenizer` (a BPE tokenizer from local text) and
 `python -m megatron.bridge.data.preprocess` (text to a `.bin`/`.idx` indexed dataset).
@@ -14,8 +15,11 @@ from typing import Any
 
 _EXPORTS = {
     "BlendedDataset": "blended_dataset",
+    "ChatSFTPreprocessingConfig": "sft.config",
     "DataIterators": "loaders",
     "DatasetError": "indexed_dataset",
+    "FinetuningDatasetConfig": "sft.config",
+    "GPTSFTDatasetConfig": "sft.config",
     "GPTDataset": "gpt_dataset",
     "HuggingFaceTokenizer": "tokenizer",
     "IndexedDataset": "indexed_dataset",
@@ -23,8 +27,13 @@ _EXPORTS = {
     "MicroBatchSampler": "loaders",
     "MockGPTDataset": "mock",
     "NullTokenizer": "tokenizer",
+    "PackedSequenceSpecs": "sft.config",
+    "PromptCompletionSFTPreprocessingConfig": "sft.config",
+    "SFTDataError": "sft.formats",
+    "SFTDataStats": "sft.builder",
     "build_data_iterators": "loaders",
     "build_gpt_datasets": "builder",
+    "build_sft_data_iterators": "sft.builder",
     "build_tokenizer": "tokenizer",
 }
 

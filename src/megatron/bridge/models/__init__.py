@@ -9,6 +9,7 @@ from typing import Any
 from megatron.bridge.models.decoder import GPTModel
 from megatron.bridge.models.gpt_provider import GPTModelProvider
 from megatron.bridge.models.llama import Llama31ModelProvider8B, Llama32ModelProvider1B, LlamaModelProvider
+from megatron.bridge.models.packed_seq import PackedSeqParams, get_packed_seq_params
 from megatron.bridge.models.qwen import (
     Qwen2ModelProvider,
     Qwen25ModelProvider1P5B,
@@ -23,10 +24,12 @@ __all__ = [
     "Llama31ModelProvider8B",
     "Llama32ModelProvider1B",
     "LlamaModelProvider",
+    "PackedSeqParams",
     "Qwen2ModelProvider",
     "Qwen25ModelProvider500M",
     "Qwen25ModelProvider1P5B",
     "Qwen25ModelProvider7B",
+    "get_packed_seq_params",
 ]
 
 

@@ -1,18 +1,18 @@
 """Self-attention for the decoder: rotary embeddings, which keys a query may see, and the kernel that runs it.
 
 Masks are described once per forward pass by an `AttentionMask` (sequence length, optional sliding
-window, optional explicit mask from the data) and turned, once per distinct window, into what the
-attention kernel takes (a `LayerMask`):
+window, optional explicit mask from the data, optional document ids of packed sequences) and turned,
+once per distinct window, into what the attention kernel takes (a `LayerMask`):
 
 | layer                                  | `LayerMask`        | kernel                                        |
 | -------------------------------------- | ------------------ | --------------------------------------------- |
 | full causal, or a window >= the sequence | `None`           | SDPA `is_causal=True` (flash on GPUs)         |
-| windowed, on CUDA                      | `BlockMask`        | `torch.compile(flex_attention)`, block-sparse |
-| windowed elsewhere, or any explicit mask | boolean `Tensor` | SDPA with the mask (True = may attend)        |
+| windowed and/or packed, on CUDA        | `BlockMask`        | `torch.compile(flex_attention)`, block-sparse |
+| windowed or packed elsewhere, or any explicit mask | boolean `Tensor` | SDPA with the mask (True = may attend) |
 
-FlexAttention is the GPU kernel because SDPA has no window argument: its flash backend takes no mask at
-all, so a windowed SDPA call on a GPU would need a dense `[seq, seq]` mask. FlexAttention has no
-backward on the CPU, so CPU training uses SDPA with a boolean band mask.
+FlexAttention is the GPU kernel because SDPA has no window or document argument: its flash backend takes
+no mask at all, so a windowed or packed SDPA call on a GPU would need a dense `[seq, seq]` mask.
+FlexAttention has no backward on the CPU, so CPU training uses SDPA with a boolean mask.
 """
 
 from __future__ import annotations
@@ -98,9 +98,9 @@ class AttentionMask:
 
     A query at position `i` sees key `j` when `j <= i`, and, in a layer with window `left`, `i - j <= left`
     (Megatron's inclusive `(left, 0)`: `left + 1` keys, the query's own included), and the explicit mask,
-    if any, does not hide it. Packed sequences will add per-token document ids here (a query then also
-    needs `doc[j] == doc[i]`: a FlexAttention document mask on GPUs, a block-diagonal mask elsewhere);
-    layers only ever see the `LayerMask` this object hands out.
+    if any, does not hide it, and, for packed sequences, `document_ids[j] == document_ids[i]` (a FlexAttention
+    document mask on GPUs, a block-diagonal mask elsewhere). Layers only ever see the `LayerMask` this
+    object hands out.
     """
 
     seq_length: int
@@ -111,20 +111,29 @@ class AttentionMask:
     """The data's explicit mask (`reset_attention_mask`): boolean `[batch, 1, seq, seq]`, True = must not
     attend (Megatron's convention). It already holds causality; None: plain causal."""
     block_sparse: bool = False
-    """Hand windowed layers a FlexAttention `BlockMask` instead of a dense band (on by default on CUDA)."""
+    """Hand windowed and packed layers a FlexAttention `BlockMask` instead of a dense one (on by default on CUDA)."""
+    document_ids: torch.Tensor | None = None
+    """Packed sequences: `[batch, seq]` integer id of the example each token belongs to (None: one per row)."""
 
     def for_window(self, window_left: int | None) -> LayerMask:
         """The mask for layers with window `(window_left, 0)` (None: full causal); see the module table."""
         windowed = window_left is not None and self.seq_length > window_left + 1
-        if self.hidden is None and not windowed:
+        window = window_left if windowed else None
+        packed = self.document_ids is not None
+        if self.hidden is None and not windowed and not packed:
             return None
         if self.hidden is None and self.block_sparse:
+            if packed:
+                return document_block_mask(self.document_ids, window)
             return sliding_window_block_mask(self.seq_length, window_left, self.device)
         # SDPA's boolean mask marks positions that take part, the opposite of Megatron's.
         allowed = None if self.hidden is None else ~self.hidden
         if windowed:
             band = causal_band(self.seq_length, window_left, self.device)
             allowed = band if allowed is None else allowed & band
+        if packed:
+            same = same_document_causal(self.document_ids)
+            allowed = same if allowed is None else allowed & same
         return allowed
 
 
@@ -135,20 +144,51 @@ def causal_band(seq_length: int, window_left: int, device: torch.device) -> torc
     return (behind >= 0) & (behind <= window_left)
 
 
+def same_document_causal(document_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean `[batch, 1, seq, seq]`: True where key `j <= i` belongs to query `i`'s document (block-diagonal)."""
+    seq = document_ids.shape[1]
+    same = document_ids[:, None, :, None] == document_ids[:, None, None, :]
+    return same & torch.ones(seq, seq, dtype=torch.bool, device=document_ids.device).tril()
+
+
 @functools.lru_cache(maxsize=16)
 def sliding_window_block_mask(seq_length: int, window_left: int, device: torch.device) -> BlockMask:
     """FlexAttention's block-sparse form of `causal_band`, cached per (seq, window, device).
 
     Made once and reused by every layer and step; the kernel computes only the blocks that touch the
-    band. On CUDA the builder is compiled too: eager, it would materialise the `[seq, seq]` mask (and
-    int64 index grids of that size) on the way.
+    band.
     """
 
     def within_window(batch: torch.Tensor, head: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         return (k <= q) & (q - k <= window_left)
 
+    return _block_mask(within_window, None, seq_length, device)
+
+
+def document_block_mask(document_ids: torch.Tensor, window_left: int | None) -> BlockMask:
+    """FlexAttention's block-sparse form of `same_document_causal`, within `window_left` when given.
+
+    Made once per forward pass (the documents change with every batch) and shared by the layers with
+    that window; blocks that lie wholly between two documents are skipped by the kernel.
+    """
+    batch, seq = document_ids.shape
+
+    def same_document(b: torch.Tensor, head: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return (k <= q) & (document_ids[b, q] == document_ids[b, k])
+
+    def same_document_in_window(b: torch.Tensor, head: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return same_document(b, head, q, k) & (q - k <= window_left)
+
+    mask_mod = same_document if window_left is None else same_document_in_window
+    return _block_mask(mask_mod, batch, seq, document_ids.device)
+
+
+def _block_mask(mask_mod: Callable[..., torch.Tensor], batch: int | None, seq_length: int,
+                device: torch.device) -> BlockMask:
+    # On CUDA the builder is compiled too: eager, it would materialise the [seq, seq] mask (and int64
+    # index grids of that size) on the way.
     build = _compiled_flex().create_block_mask if device.type == "cuda" else create_block_mask
-    return build(within_window, None, None, seq_length, seq_length, device=device)
+    return build(mask_mod, batch, None, seq_length, seq_length, device=device)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -174,7 +214,7 @@ def _compiled_flex() -> _CompiledFlex:
 
 def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, scale: float | None):
     if q.is_cuda:
-        assert _compiled is not None, "CUDA block masks come from sliding_window_block_mask, which compiles"
+        assert _compiled is not None, "CUDA block masks come from _block_mask, which compiles"
         kernel = _compiled.flex_attention
     else:
         kernel = flex_attention  # only forward-mode tests get here (FlexAttention has no CPU backward)
@@ -186,7 +226,7 @@ def attend(
 ) -> torch.Tensor:
     """Softmax attention `[batch, heads, seq, head_dim]` over grouped `k`/`v`, masked as `mask` says."""
     if isinstance(mask, BlockMask):
-        assert dropout == 0.0, "validated: windowed attention has no dropout"
+        assert dropout == 0.0, "validated: windowed and packed attention on CUDA have no dropout"
         return _flex(q, k, v, mask, scale)
     heads, groups = q.shape[1], k.shape[1]
     # Fused kernels other than flash may not take grouped k/v; with an explicit mask flash is out

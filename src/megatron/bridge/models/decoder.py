@@ -49,6 +49,7 @@ from megatron.bridge.models.attention import (
 )
 from megatron.bridge.models.losses import chunked_cross_entropy
 from megatron.bridge.models.norms import LayerNorm, RMSNorm, build_norm, reset_norm
+from megatron.bridge.models.packed_seq import PackedSeqParams
 
 if TYPE_CHECKING:
     from megatron.bridge.models.gpt_provider import GPTModelProvider
@@ -252,18 +253,32 @@ class GPTModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
     ) -> torch.Tensor:
         """Logits `[batch, seq, vocab]`, or with `labels` the float32 per-token loss `[batch, seq]`.
 
-        `position_ids` `[batch, seq]` default to `0..seq-1`. `attention_mask` is None (causal) or a boolean
-        `[batch, 1, seq, seq]` tensor where True marks a position that must not be attended to; windowed
-        layers also keep to their window.
+        `position_ids` `[batch, seq]` default to `0..seq-1` (restarting per example when packed).
+        `attention_mask` is None (causal) or a boolean `[batch, 1, seq, seq]` tensor where True marks a
+        position that must not be attended to; windowed layers also keep to their window. With
+        `packed_seq_params` (`qkv_format="thd"`), each row holds several examples and no token attends
+        across an example boundary.
         """
         b, s = input_ids.shape
+        document_ids = None
+        if packed_seq_params is not None:
+            if input_ids.is_cuda and self.training and self.config.attention_dropout > 0:
+                raise ValueError(
+                    f"model.attention_dropout={self.config.attention_dropout} is invalid with packed sequences on "
+                    "CUDA: their kernel (FlexAttention) has no dropout; set it to 0.0"
+                )
+            document_ids = packed_seq_params.document_ids(b, s)
+            if position_ids is None:
+                position_ids = packed_seq_params.position_ids(b, s)
         if position_ids is None:
             position_ids = torch.arange(s, device=input_ids.device).unsqueeze(0).expand(b, s)
         masks = AttentionMask(
-            seq_length=s, device=input_ids.device, hidden=attention_mask, block_sparse=input_ids.is_cuda
+            seq_length=s, device=input_ids.device, hidden=attention_mask, block_sparse=input_ids.is_cuda,
+            document_ids=document_ids,
         )
         x = self._embed(input_ids)
         x = self.final_norm(self._run_layers(x, self._layer_inputs(position_ids, masks)))

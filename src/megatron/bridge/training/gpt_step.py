@@ -1,4 +1,8 @@
-"""The default forward step for GPT pretraining: fetch a batch, run the model, return a loss function."""
+"""The default forward step for GPT pretraining and finetuning: fetch a batch, run the model, return a loss function.
+
+Packed finetuning batches also carry `cu_seqlens` (and `max_seqlen`), which become the model's
+`packed_seq_params`.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +12,21 @@ from typing import Any
 
 import torch
 
+from megatron.bridge.models.packed_seq import get_packed_seq_params
 from megatron.bridge.training.state import GlobalState
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+HOST_KEYS = ("max_seqlen",)
+"""Batch entries left on the host: read as Python numbers, they would stall it on a device copy."""
 
 
 def get_batch(data_iterator: Iterator[dict[str, torch.Tensor]], device: torch.device) -> dict[str, torch.Tensor]:
-    """The next micro-batch, moved to `device` (asynchronously when the source is pinned memory)."""
+    """The next micro-batch, moved to `device` (asynchronously when the source is pinned memory) but `HOST_KEYS`."""
     batch = next(data_iterator)
     missing = [key for key in BATCH_KEYS if key not in batch]
     if missing:
         raise ValueError(f"batch is missing {missing}; a batch must hold {', '.join(BATCH_KEYS)}")
-    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+    return {key: value if key in HOST_KEYS else value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
 def masked_next_token_loss(
@@ -44,7 +51,9 @@ def forward_step(
     """Run one micro-batch through `model`; return per-token losses and the function that reduces them."""
     assert not return_schedule_plan, "schedule plans are a pipeline-parallel feature this package does not have"
     batch = get_batch(data_iterator, next(model.parameters()).device)
+    # Only packed batches pass the argument, so models without it keep working on unpacked data.
+    packed = {"packed_seq_params": get_packed_seq_params(batch)} if "cu_seqlens" in batch else {}
     output_tensor = model(
-        batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"]
+        batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"], **packed
     )
     return output_tensor, partial(masked_next_token_loss, batch["loss_mask"])
