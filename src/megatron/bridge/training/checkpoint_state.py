@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,16 +89,19 @@ class CheckpointFiles:
         self.directory, self.manifest = directory, manifest
 
     def has(self, name: str) -> bool:
-        """Whether the checkpoint holds `name` (for a sealed one: whether its manifest lists it)."""
-        if self.manifest is not None:
-            return name in self.manifest.files
-        return (self.directory / name).exists()
+        """Whether the checkpoint holds `name`; a file on disk that its manifest does not list is refused."""
+        on_disk = os.path.lexists(self.directory / name)
+        if self.manifest is None or name in self.manifest.files:
+            return on_disk or self.manifest is not None
+        if on_disk:
+            raise CheckpointError(f"{self.directory / name} is in the checkpoint, but {integrity.MANIFEST_FILE} "
+                                  "does not list it: it was added after the checkpoint was written")
+        return False
 
     def _require(self, name: str) -> Path:
         path = self.directory / name
         if not self.has(name):
-            listed = f", and {integrity.MANIFEST_FILE} does not list it" if self.manifest is not None else ""
-            raise CheckpointError(f"{path} is missing{listed}")
+            raise CheckpointError(f"{path} is missing")
         return path
 
     def read_json(self, name: str) -> Any:
@@ -170,8 +174,10 @@ class CheckpointFiles:
 
 def _try_schedule(path: Path, scheduler: OptimizerParamScheduler, state: dict[str, Any]) -> None:
     # A shallow copy with an optimizer of its own (no groups): loading into it changes nothing real.
+    # It checks the saved schedule even where this run overrides it: a valid checkpoint holds a valid one.
     scratch = copy.copy(scheduler)
     scratch.optimizer = SimpleNamespace(param_groups=[])
+    scratch.override_opt_param_scheduler = False
     try:
         scratch.load_state_dict(state)
     except (KeyError, TypeError, ValueError) as err:

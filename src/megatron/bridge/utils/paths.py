@@ -21,5 +21,6 @@ def resolve_inside(folder: str | os.PathLike, relative: str, *, what: str) -> Pa
     root = Path(folder).resolve()
     target = (root / relative).resolve()
     if target != root and root not in target.parents:
-        raise UserError(f"{what}: the path {relative!r} leads outside {root} (to {target})")
+        raise UserError(f"{what}: the path {relative!r} ({Path(folder) / relative}) leads outside {root} "
+                        f"(to {target})")
     return target
