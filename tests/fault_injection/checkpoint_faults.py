@@ -6,7 +6,11 @@ state is restored or any step runs, and leave every file of the save folder as i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,3 +90,20 @@ def expect_refused(root: Path, monkeypatch: pytest.MonkeyPatch, *fragments: str,
     assert callback.restored == [] and not callback.started
     assert snapshot(root) == before
     return message
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, *, size: int, read_only: bool = False) -> Iterator[Path]:
+    """A small tmpfs of `size` bytes mounted at `where` (root only: skips the test otherwise)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root; the full-disk and read-only cases cannot be made otherwise")
+    where.mkdir(parents=True, exist_ok=True)
+    options = f"size={size}" + (",ro" if read_only else "")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)

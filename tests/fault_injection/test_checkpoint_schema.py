@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from checkpoint_faults import expect_refused, train
+
 from megatron.bridge.training import checkpoint_integrity
 
 ITERATION = "iter_0000004"

@@ -13,8 +13,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from checkpoint_faults import expect_refused, train
+
 from megatron.bridge.training import checkpoint_io
 from megatron.bridge.training.checkpoint_integrity import MANIFEST_FILE
 

@@ -13,8 +13,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from checkpoint_faults import expect_refused, train
+
 from megatron.bridge.training import checkpoint_integrity, checkpoint_io
 from megatron.bridge.utils.errors import UserError
 from megatron.bridge.utils.paths import resolve_inside

@@ -29,10 +29,10 @@ from megatron.bridge.training.state import TrainState
 FORMAT_VERSION = 1
 """The layout's version. `manifest.json` is an addition readers of version 1 ignore, so it kept the
 number: a checkpoint without one (written before checksums) is loaded unverified, with a warning."""
-PER_TENSOR_OVERHEAD = 1536
-"""Bytes `torch.save` adds around each tensor in a `.distcp` file (an upper bound)."""
-FIXED_OVERHEAD = 1 << 20
-"""Bytes of the index, JSON and YAML files of a checkpoint (an upper bound for small runs)."""
+PER_TENSOR_OVERHEAD = 2048
+"""Bytes a checkpoint adds per tensor: `torch.save`'s framing in the `.distcp` file and its index entry."""
+FIXED_OVERHEAD = 256 << 10
+"""Bytes of the JSON and YAML files and the manifest of a checkpoint (an upper bound for a few ranks)."""
 _ITER_DIR = re.compile(r"^iter_(\d{7,})$")
 _UINT32 = schema.integer(0, 2**32 - 1)
 

@@ -84,7 +84,9 @@ class CheckpointManager:
         outcome: tuple[str, str] | None = None
         if self.rank == 0:
             try:
-                self._lock = claim_save_folder(Path(self.config.save), needed_bytes=self.needed_bytes)
+                # A run that does not train never saves: it needs the lock, not the room.
+                trains = self.state.cfg is None or not self.state.cfg.validation.skip_train
+                self._lock = claim_save_folder(Path(self.config.save), needed_bytes=self.needed_bytes if trains else 0)
             except CheckpointSaveError as err:
                 outcome = (type(err).__name__, str(err))
         if self.world_size > 1:
@@ -204,9 +206,10 @@ class CheckpointManager:
             self._phase(lambda: self._write_state_files(tmp, common, rank_state))
             self._phase(lambda: self._commit(root, step), rank_0_only=True)
         except _WriteFailed as failure:
+            free = _free_bytes(root)  # before the partial checkpoint is removed: what the save ran into
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointSaveError(self._write_error(root, step, failure.reasons)) from None
+            raise CheckpointSaveError(self._write_error(root, step, failure.reasons, free)) from None
 
     def _write_state_files(self, tmp: Path, common: dict[str, Any], rank_state: dict[str, Any]) -> None:
         io.write_json(tmp / saved.rank_file(self.rank), rank_state)
@@ -236,16 +239,16 @@ class CheckpointManager:
         if failed:
             raise _WriteFailed(failed)
 
-    def _write_error(self, root: Path, step: int, reasons: list[str]) -> str:
-        message = (f"cannot save the checkpoint of iteration {step} into checkpoint.save={str(root)!r}: "
-                   f"{'; '.join(reasons)}")
-        if any(errno.errorcode[errno.ENOSPC] in reason for reason in reasons):
-            try:
-                free = format_bytes(shutil.disk_usage(root).free)
-            except OSError:
-                free = "unknown"
-            message += f" (one checkpoint needs about {format_bytes(self.needed_bytes)}; free now: {free})"
-        return message + "; nothing of it was kept, and the earlier checkpoints and the tracker are unchanged"
+    def _write_error(self, root: Path, step: int, reasons: list[str], free: int | None) -> str:
+        # A full disk often shows only as torch's "unexpected pos" from a short write: say what it is.
+        full = any(errno.errorcode[errno.ENOSPC] in reason for reason in reasons) or (
+            free is not None and free < self.needed_bytes)
+        cause = "; ".join(reasons)
+        if full:
+            cause = (f"no space left on the device (one checkpoint needs about {format_bytes(self.needed_bytes)}, "
+                     f"{'an unknown amount' if free is None else format_bytes(free)} was free when it failed)")
+        return (f"cannot save the checkpoint of iteration {step} into checkpoint.save={str(root)!r}: {cause}; "
+                "nothing of it was kept, and the earlier checkpoints and the tracker are unchanged")
 
     def _on_saved(self, step: int, started: float) -> None:
         print_rank_0(f"> saved checkpoint at iteration {step} to {self.config.save} "
@@ -395,6 +398,13 @@ def _describe_failure(err: BaseException) -> str:
         where = f" ({err.filename})" if err.filename else ""
         return f"{errno.errorcode.get(err.errno, err.errno)}: {err.strerror}{where}"
     return f"{type(err).__name__}: {err}"
+
+
+def _free_bytes(path: Path) -> int | None:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
 
 
 def _latest(source: str) -> Path | None:
