@@ -27,7 +27,7 @@ MANIFEST_VERSION = 1
 ALGORITHM = "xxh3_128"
 BLOCK_BYTES = 64 << 20
 MANIFEST_LIMIT = 64 << 20
-_CHUNK_BYTES = 8 << 20
+_CHUNK_BYTES = 1 << 20
 # Plain names, or names in sub-folders (the Hugging Face import keeps `hf/config.json`); never `..`.
 _NAME = r"(?:[A-Za-z0-9_][A-Za-z0-9_.-]*/)*(?:[A-Za-z0-9_][A-Za-z0-9_.-]*|\.metadata)"
 
@@ -90,18 +90,20 @@ def read_regular_file(path: Path, *, limit: int) -> bytes:
 
 
 def _hash_block(path: Path, offset: int, end: int) -> str:
-    # Reads bytes [offset, end) and no more, whatever the file's size has become.
+    # Reads bytes [offset, end) and no more, whatever the file's size has become, into one small
+    # buffer reused for the whole block (a cache-sized buffer hashes faster than fresh large reads).
     digest = xxhash.xxh3_128()
+    buffer = bytearray(_CHUNK_BYTES)
+    view = memoryview(buffer)
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    try:
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        f.seek(offset)
         while offset < end:
-            chunk = os.pread(fd, min(_CHUNK_BYTES, end - offset), offset)
-            if not chunk:
+            count = f.readinto(view[:min(_CHUNK_BYTES, end - offset)])
+            if not count:
                 break
-            digest.update(chunk)
-            offset += len(chunk)
-    finally:
-        os.close(fd)
+            digest.update(view[:count])
+            offset += count
     return digest.hexdigest()
 
 
