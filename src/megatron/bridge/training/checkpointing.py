@@ -75,7 +75,8 @@ class CheckpointManager:
         # Checkpoint I/O gets its own gloo group: it may run in a background thread beside training's collectives.
         uses_checkpoints = config.save or config.load or config.pretrained_checkpoint
         self._group = dist.new_group(backend="gloo") if (uses_checkpoints and dist.is_initialized()) else None
-        self.needed_bytes = estimate_checkpoint_bytes(model[0], optimizer, save_optim=config.save_optim)
+        self.needed_bytes = estimate_checkpoint_bytes(model[0], optimizer, save_optim=config.save_optim) if (
+            config.save) else 0
         if config.save:
             self._claim_save_folder()
 
