@@ -114,3 +114,10 @@ def test_a_file_the_manifest_does_not_list_is_refused(root, monkeypatch):
     del manifest["files"]["rank_00000.json"]
     manifest_path.write_text(json.dumps(manifest))
     expect_refused(root, monkeypatch, str(root / ITERATION / "rank_00000.json"), "does not list it")
+
+
+def test_a_tracker_naming_an_older_complete_checkpoint_resumes_from_the_newest(root, capsys):
+    # What a kill between the rename of a new checkpoint and the tracker's update leaves.
+    (root / TRACKER).write_text("2\n")
+    train(root, train__train_iters=5)
+    assert f"from {root / ITERATION} (iteration 4" in capsys.readouterr().out
