@@ -52,6 +52,20 @@ def test_single_stops_after_the_last_full_global_batch():
     assert list(sampler(total_samples=21, consumed_samples=16)) == []
 
 
+@pytest.mark.parametrize(("old_gbs", "new_gbs"), [(8, 4), (8, 12), (4, 12)])
+@pytest.mark.parametrize("dp_size", [1, 2])
+def test_a_resume_with_another_batch_size_goes_on_at_the_consumed_sample(old_gbs, new_gbs, dp_size):
+    consumed = 3 * old_gbs
+    ranks = [list(sampler(total_samples=consumed + 4 * new_gbs, global_batch_size=new_gbs, consumed_samples=consumed,
+                          dp_rank=r, dp_size=dp_size)) for r in range(dp_size)]
+    per_step = new_gbs // dp_size // 2
+    assert all(len(batches) == 4 * per_step for batches in ranks)
+    for step in range(4):
+        seen = [i for batches in ranks for batch in batches[step * per_step:(step + 1) * per_step] for i in batch]
+        start = consumed + step * new_gbs
+        assert seen == list(range(start, start + new_gbs))
+
+
 def test_cyclic_wraps_around_the_dataset():
     batches = list(itertools.islice(sampler(total_samples=6, dataloader_type="cyclic"), 8))
     flat = [index for batch in batches for index in batch]
@@ -65,7 +79,8 @@ def test_cyclic_wraps_around_the_dataset():
     [
         {"global_batch_size": 6, "dp_size": 2},
         {"dp_rank": 2, "dp_size": 2},
-        {"consumed_samples": 5},
+        {"consumed_samples": -8},
+        {"consumed_samples": 8.0},
         {"dataloader_type": "shuffled"},
         {"total_samples": 0, "dataloader_type": "cyclic"},
     ],

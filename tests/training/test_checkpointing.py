@@ -11,6 +11,7 @@ import builtins
 import hashlib
 import io
 import json
+import math
 import pickle
 import shutil
 from pathlib import Path
@@ -23,7 +24,8 @@ import yaml
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from helpers import make_tiny_config
-from megatron.bridge.training import checkpoint_io
+from megatron.bridge.data.mock import MockGPTDataset
+from megatron.bridge.training import checkpoint_integrity, checkpoint_io
 from megatron.bridge.training.callbacks import Callback, CallbackManager
 from megatron.bridge.training.config import ConfigContainer
 from megatron.bridge.training.gpt_step import forward_step
@@ -117,9 +119,12 @@ def run(cfg: ConfigContainer, **kwargs: Any) -> Recorder:
 
 
 def snapshot(root: Path) -> list[tuple]:
-    """Every file and directory under `root` with its size, mtime and content hash."""
+    """Every file and directory under `root` with its size, mtime and content hash.
+
+    The mtime of `root` itself is left out: a run saving there creates and removes its lock file.
+    """
     root = Path(root)
-    entries = [("", True, 0, root.stat().st_mtime_ns, "")]
+    entries = [("", True, 0, 0, "")]
     for path in sorted(root.rglob("*")):
         stat = path.stat()
         digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
@@ -393,6 +398,45 @@ def test_resume_when_train_iters_is_already_reached_trains_nothing(tmp_path, cap
     assert again.count("on_checkpoint_save") == 0
     assert_same_tensors(again.start["params"], first.final_params)
     assert snapshot(save) == before
+
+
+def recording_step(tokens: list[torch.Tensor]):
+    """The default forward step, recording the tokens of every training micro-batch it reads."""
+
+    def step(state, data_iterator, model):
+        def tap():
+            for batch in data_iterator:
+                if model.training:
+                    tokens.append(batch["tokens"].clone())
+                yield batch
+
+        return forward_step(state, tap(), model)
+
+    return step
+
+
+@pytest.mark.parametrize("new_gbs", [4, 12], ids=["8-to-4", "8-to-12"])
+def test_resume_with_another_global_batch_size_goes_on_at_the_consumed_sample(tmp_path, new_gbs):
+    # Megatron's sampler continues from consumed samples whatever the batch size; so does ours.
+    save = tmp_path / "ckpt"
+    first_tokens: list[torch.Tensor] = []
+    pretrain(tiny_config(train__train_iters=4, train__global_batch_size=8, checkpoint__save=str(save)),
+             recording_step(first_tokens), [Recorder(save)])
+    resumed_tokens: list[torch.Tensor] = []
+    resumed = Recorder(save)
+    cfg = tiny_config(train__train_iters=7, train__global_batch_size=new_gbs, checkpoint__save=str(save))
+    pretrain(cfg, recording_step(resumed_tokens), [resumed])
+
+    assert resumed.start["step"] == 4 and resumed.start["consumed"] == 32
+    assert sorted(resumed.losses) == [5, 6, 7] and all(math.isfinite(v) for v in resumed.losses.values())
+    dataset = MockGPTDataset(num_samples=32 + 3 * new_gbs, seq_length=32, vocab_size=128,
+                             seed=cfg.dataset.random_seed, split="train")
+    expected = [dataset[i]["tokens"] for i in range(32 + 3 * new_gbs)]
+    # Micro-batches of 2: the first run read samples 0..31, the resumed one the next 3 x new_gbs.
+    assert torch.equal(torch.cat(first_tokens), torch.stack(expected[:32]))
+    assert torch.equal(torch.cat(resumed_tokens), torch.stack(expected[32:]))
+    train_state = json.loads((save / "iter_0000007" / "common.json").read_text())["train_state"]
+    assert train_state["step"] == 7 and train_state["consumed_train_samples"] == 32 + 3 * new_gbs
 
 
 # ----------------------------------------------------------------------------------- keeping, cleaning
@@ -688,6 +732,7 @@ def test_an_unsafe_yaml_tag_in_run_config_is_not_executed(tmp_path, checkpoint_c
     marker = tmp_path / "PWNED"
     code = MARKER_CODE.format(path=str(marker))
     (directory / "run_config.yaml").write_text(f"evil: !!python/object/apply:builtins.exec [{json.dumps(code)}]\n")
+    checkpoint_integrity.seal(directory, 4)  # as if written so: past the checksums, the YAML itself is the test
     recorder = run(tiny_config(train__train_iters=5, checkpoint__save=str(root)))
     assert recorder.start["step"] == 4
     assert not marker.exists()

@@ -4,7 +4,8 @@ Invariant: the global batch at step k is the same set of samples whatever the nu
 each rank reads only its slice. Global batch k is samples [k*gbs, (k+1)*gbs) of the dataset order,
 rank r reads the contiguous slice [r*gbs/dp, (r+1)*gbs/dp) of it, in micro-batches of mbs. A run
 therefore sees the same data when it is resumed on a different number of ranks, and resuming only
-needs the number of samples consumed so far.
+needs the number of samples consumed so far: the stream goes on at that sample, so a run may also
+resume with another global batch size (as Megatron's sampler does).
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ MicroBatch = dict[str, torch.Tensor]
 class MicroBatchSampler:
     """Batch sampler yielding one data-parallel rank's micro-batches (lists of sample indices).
 
-    Starts at global batch `consumed_samples // global_batch_size`, so a sampler built with
-    `consumed_samples = k * global_batch_size` yields exactly what a fresh one yields from step k on.
+    Its first global batch starts at sample `consumed_samples`, so a sampler built with
+    `consumed_samples = k * global_batch_size` yields exactly what a fresh one yields from step k on,
+    and one built after samples were consumed with another batch size goes on right after them.
     `single` stops after the last full global batch of the dataset; `cyclic` never stops and reads
     sample `global_index % total_samples`.
     """
@@ -53,8 +55,8 @@ class MicroBatchSampler:
             )
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} is invalid: an integer in [0, {dp_size})")
-        if consumed_samples < 0 or consumed_samples % global_batch_size != 0:
-            raise ValueError(f"consumed_samples={consumed_samples} must be a multiple of {global_batch_size}")
+        if isinstance(consumed_samples, bool) or not isinstance(consumed_samples, int) or consumed_samples < 0:
+            raise ValueError(f"consumed_samples={consumed_samples!r} is invalid: an integer >= 0")
         if dataloader_type == "cyclic" and total_samples <= 0:
             raise ValueError("a cyclic sampler needs a non-empty dataset")
         self.total_samples = total_samples
@@ -71,22 +73,20 @@ class MicroBatchSampler:
         return self.global_batch_size // self.dp_size
 
     def __iter__(self) -> Iterator[list[int]]:
-        step = self.consumed_samples // self.global_batch_size
-        last_step = self.total_samples // self.global_batch_size
-        while self.dataloader_type == "cyclic" or step < last_step:
-            yield from self._rank_micro_batches(step)
-            step += 1
+        start = self.consumed_samples
+        while self.dataloader_type == "cyclic" or start + self.global_batch_size <= self.total_samples:
+            yield from self._rank_micro_batches(start)
+            start += self.global_batch_size
 
     def __len__(self) -> int:
         """Micro-batches left for this rank (`single` only: a cyclic sampler is endless)."""
         if self.dataloader_type == "cyclic":
             raise TypeError("a cyclic MicroBatchSampler is endless and has no length")
-        gbs = self.global_batch_size
-        steps_left = max(self.total_samples // gbs - self.consumed_samples // gbs, 0)
+        steps_left = max(self.total_samples - self.consumed_samples, 0) // self.global_batch_size
         return steps_left * (self.samples_per_rank // self.micro_batch_size)
 
-    def _rank_micro_batches(self, step: int) -> Iterator[list[int]]:
-        first = step * self.global_batch_size + self.dp_rank * self.samples_per_rank
+    def _rank_micro_batches(self, batch_start: int) -> Iterator[list[int]]:
+        first = batch_start + self.dp_rank * self.samples_per_rank
         for start in range(first, first + self.samples_per_rank, self.micro_batch_size):
             yield [index % self.total_samples for index in range(start, start + self.micro_batch_size)]
 

@@ -7,14 +7,17 @@
         rank_00000.json                           each rank's RNG states (Python, NumPy, torch, CUDA)
                                                   and callback state
         run_config.yaml                           the run's configuration
+        manifest.json                             size and checksums of every other file, written last
+    <save>/.lock                                  held by the run saving here (see checkpoint_lock)
 
-A checkpoint is written into `.tmp_iter_0000010/`, every file is flushed to disk, and only then
-is the directory renamed into place and the tracker replaced; so an `iter_*` directory is always
-complete, and a kill at any instant leaves the previous checkpoint loadable.
+A checkpoint is written into `.tmp_iter_0000010/`, every file is flushed to disk, the manifest is
+written, and only then is the directory renamed into place and the tracker replaced; so an `iter_*`
+directory is always complete, and a kill at any instant leaves the previous checkpoint loadable.
 
 Nothing is ever unpickled freely: tensors are read with `torch.load(weights_only=True)`, the
 `.metadata` index with an unpickler that accepts only the checkpoint index's own classes, and
-everything else is JSON or YAML read with safe loaders.
+everything else is JSON or YAML read with safe loaders. No read is unbounded, and every path read
+from a file must stay inside the checkpoint.
 """
 
 from __future__ import annotations
@@ -34,19 +37,24 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
+from megatron.bridge.training import checkpoint_integrity as integrity
+from megatron.bridge.training import checkpoint_schema as schema
+from megatron.bridge.training.checkpoint_integrity import CheckpointError as CheckpointError
 from megatron.bridge.utils.errors import UserError
+from megatron.bridge.utils.paths import resolve_inside
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 COMMON_FILE = "common.json"
 CONFIG_FILE = "run_config.yaml"
 _ITER_DIR = re.compile(r"^iter_(\d{7,})$")
 _TMP_PREFIX, _TRASH_PREFIX = ".tmp_", ".trash_"
-
-
-class CheckpointError(UserError):
-    """A checkpoint that cannot be loaded: missing, corrupt, tampered with or incompatible."""
+# Bounds for the files of a checkpoint without a manifest (one written before checksums existed).
+JSON_LIMIT = 1 << 30
+INDEX_LIMIT = 1 << 30
+_TRACKER_LIMIT = 64
 
 
 def iteration_dir(root: str | os.PathLike, step: int) -> Path:
@@ -99,12 +107,37 @@ def write_json(path: Path, obj: Any) -> None:
     write_file_durably(path, json.dumps(obj, indent=1, sort_keys=True).encode())
 
 
-def read_json(path: Path) -> Any:
-    """Read a JSON file of a checkpoint, naming the file on failure."""
+def read_json(path: Path, *, limit: int = JSON_LIMIT) -> Any:
+    """Read a JSON file of a checkpoint (a regular file of at most `limit` bytes), naming it on failure."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
+        return json.loads(integrity.read_regular_file(path, limit=limit))
+    except (ValueError, RecursionError) as err:
+        if isinstance(err, CheckpointError):
+            raise
         raise CheckpointError(f"cannot read {path}: {err}") from err
+
+
+def read_tracker(root: Path) -> int | None:
+    """The step `latest_checkpointed_iteration.txt` names; None when there is none."""
+    path = root / TRACKER_FILE
+    if not os.path.lexists(path):
+        return None
+    text = integrity.read_regular_file(path, limit=_TRACKER_LIMIT)
+    if not re.fullmatch(rb"\d{1,12}\n?", text):
+        raise CheckpointError(f"{path}: {text[:_TRACKER_LIMIT]!r} is not an iteration number")
+    return int(text)
+
+
+def check_tracker(root: Path) -> None:
+    """Refuse a tracker that is unreadable or names a step no complete checkpoint has.
+
+    A tracker naming an older complete checkpoint is the state a kill between the rename of a new
+    checkpoint and the tracker's update leaves; the newest complete checkpoint is loaded then.
+    """
+    tracked, steps = read_tracker(root), list_iterations(root)
+    if tracked is not None and tracked not in steps and (not steps or tracked > steps[-1]):
+        raise CheckpointError(f"{root / TRACKER_FILE} names iteration {tracked}, but {root} holds no such "
+                              f"checkpoint (it holds {steps or 'none'})")
 
 
 def prepare_temporary_dir(root: Path, step: int) -> Path:
@@ -119,17 +152,23 @@ def prepare_temporary_dir(root: Path, step: int) -> Path:
 
 
 def commit(root: Path, step: int) -> Path:
-    """Rename the finished temporary directory into place, then point the tracker at it."""
+    """Seal the finished temporary directory with its manifest, rename it into place, update the tracker."""
     tmp, final = temporary_dir(root, step), iteration_dir(root, step)
-    for path in tmp.iterdir():
-        if path.is_file():
+    for path in tmp.rglob("*"):
+        if path.is_file() and not path.is_symlink():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
+    integrity.seal(tmp, step)
     _fsync_dir(tmp)
-    if final.exists():  # an older run's checkpoint of the same step: retire it first
-        _retire(final)
+    trash = None
+    if final.exists():  # an older run's checkpoint of the same step: moved aside, deleted once replaced
+        trash = final.with_name(f"{_TRASH_PREFIX}{final.name}")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.rename(final, trash)
     os.rename(tmp, final)
     _fsync_dir(root)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
     tracker_tmp = root / f"{_TMP_PREFIX}{TRACKER_FILE}"
     write_file_durably(tracker_tmp, f"{step}\n".encode())
     os.replace(tracker_tmp, root / TRACKER_FILE)
@@ -184,19 +223,49 @@ class _IndexUnpickler(pickle.Unpickler):
 
 
 class SafeFileSystemReader(FileSystemReader):
-    """A `FileSystemReader` whose index is read by `_IndexUnpickler` instead of `pickle.load`."""
+    """A `FileSystemReader` whose index is read by `_IndexUnpickler` instead of `pickle.load`, and checked.
+
+    Every storage entry of the index must name a regular file inside the checkpoint and a byte range
+    within it, with no transforms: the reader then opens nothing else and reads nothing beyond.
+    """
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         path = Path(self.path) / ".metadata"
+        data = integrity.read_regular_file(path, limit=INDEX_LIMIT)
         try:
-            metadata = _IndexUnpickler(io.BytesIO(path.read_bytes())).load()
-        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as err:
+            metadata = _IndexUnpickler(io.BytesIO(data)).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError, IndexError,
+                KeyError, RecursionError) as err:
             raise CheckpointError(f"cannot read checkpoint index {path}: {err}") from err
         if not isinstance(metadata, Metadata):
             raise CheckpointError(f"{path} is not a torch.distributed.checkpoint index")
+        _check_storage_entries(Path(self.path), path, metadata)
         if getattr(metadata, "storage_meta", None) is not None:
             metadata.storage_meta.load_id = self.load_id
         return metadata
+
+
+def _check_storage_entries(directory: Path, index_path: Path, metadata: Metadata) -> None:
+    if not isinstance(metadata.storage_data, dict) or not isinstance(metadata.state_dict_metadata, dict):
+        raise CheckpointError(f"{index_path}: the index has no storage table")
+    sizes: dict[str, int] = {}
+    for key, info in metadata.storage_data.items():
+        entry = f"{index_path}, entry {getattr(key, 'fqn', key)!r}"
+        if not isinstance(info, _StorageInfo) or not isinstance(info.relative_path, str):
+            raise CheckpointError(f"{entry}: not a storage record")
+        try:
+            file = resolve_inside(directory, info.relative_path, what=entry)
+        except UserError as err:
+            raise CheckpointError(str(err)) from None
+        if info.transform_descriptors:
+            raise CheckpointError(f"{entry}: transforms {info.transform_descriptors!r} are not used by this format")
+        if info.relative_path not in sizes:
+            sizes[info.relative_path] = integrity.regular_file_size(file)
+        offset, length = info.offset, info.length
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (offset, length)) or (
+                offset + length > sizes[info.relative_path]):
+            raise CheckpointError(f"{entry}: bytes [{offset}, {offset}+{length}) are not inside {file} "
+                                  f"({sizes[info.relative_path]} bytes)")
 
 
 class _TensorsOnlyLoadPlanner(DefaultLoadPlanner):
@@ -283,18 +352,8 @@ def _encode(value: Any, path: str, unsupported: list[str]) -> Any:
 
 
 def decode_value(value: Any) -> Any:
-    """The inverse of `encode_value`."""
-    if isinstance(value, list):
-        return [decode_value(v) for v in value]
-    if not isinstance(value, dict):
-        return value
-    if "__tensor__" in value:
-        dtype = getattr(torch, value["dtype"], None)
-        if not isinstance(dtype, torch.dtype):
-            raise CheckpointError(f"unknown tensor dtype {value['dtype']!r} in checkpoint state")
-        raw = bytearray(base64.b64decode(value["__tensor__"]))
-        flat = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
-        return flat.view(dtype).reshape(value["shape"]).clone()
-    if "__tuple__" in value:
-        return tuple(decode_value(v) for v in value["__tuple__"])
-    return {key: decode_value(item) for key, item in value.items()}
+    """The inverse of `encode_value`; raises `CheckpointError` naming the key of a malformed entry."""
+    try:
+        return schema.encoded()(value, "")
+    except schema.SchemaError as err:
+        raise CheckpointError(f"invalid checkpoint state: {err}") from None

@@ -66,15 +66,20 @@ def setup(state: GlobalState, forward_step: ForwardStep, callbacks: CallbackMana
     precision = MixedPrecision(cfg.compute_dtype, dist_ctx.device, initial_loss_scale=cfg.optimizer.initial_loss_scale,
                                min_loss_scale=cfg.optimizer.min_loss_scale,
                                loss_scale_window=cfg.optimizer.loss_scale_window)
+    # Claims checkpoint.save (created, locked for this run, room checked) before anything is loaded.
     checkpointer = CheckpointManager(cfg.checkpoint, state=state, callbacks=callbacks, model=model,
                                      optimizer=optimizer, scheduler=scheduler, precision=precision)
-    checkpointer.load()
+    try:
+        checkpointer.load()
 
-    if should_fire(callbacks, "on_data_init_start"):
-        callbacks.fire("on_data_init_start", CallbackContext(
-            state=state, model=model, user_state=callbacks.user_state, optimizer=optimizer, scheduler=scheduler,
-        ))
-    data = _build_data(state, dist_ctx)
+        if should_fire(callbacks, "on_data_init_start"):
+            callbacks.fire("on_data_init_start", CallbackContext(
+                state=state, model=model, user_state=callbacks.user_state, optimizer=optimizer, scheduler=scheduler,
+            ))
+        data = _build_data(state, dist_ctx)
+    except BaseException:
+        checkpointer.close()  # gives the save folder back: the run ends here
+        raise
 
     num_microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dist_ctx.world_size)
     metrics = MetricsLogger(state, flops_per_token=flops, world_size=dist_ctx.world_size, device=dist_ctx.device,
@@ -106,13 +111,17 @@ def _build_data(state: GlobalState, dist_ctx: DistributedContext) -> DataIterato
     eod = None if cfg.dataset.uses_mock_data else build_tokenizer(cfg.tokenizer).eod
     gbs = cfg.train.global_batch_size
     train_iters = 0 if cfg.validation.skip_train else cfg.train.train_iters
+    # The train stream resumes at sample `consumed` whatever the batch size it was consumed with (as
+    # Megatron's sampler does), so the dataset holds those samples plus this run's remaining steps.
+    consumed = train_state.consumed_train_samples
+    train_samples = consumed + max(train_iters - train_state.step, 0) * gbs if train_iters else 0
     eval_iters = cfg.validation.eval_iters
     # Size the validation stream for every in-training pass plus the final one.
     eval_passes = (train_iters // cfg.validation.eval_interval if cfg.validation.eval_interval else 0) + 1
     return build_data_iterators(
         cfg.dataset, vocab_size=cfg.tokenizer.vocab_size, micro_batch_size=cfg.train.micro_batch_size,
-        global_batch_size=gbs, train_samples=train_iters * gbs, valid_samples=eval_passes * eval_iters * gbs,
-        test_samples=eval_iters * gbs, consumed_train_samples=train_state.consumed_train_samples,
+        global_batch_size=gbs, train_samples=train_samples, valid_samples=eval_passes * eval_iters * gbs,
+        test_samples=eval_iters * gbs, consumed_train_samples=consumed,
         consumed_valid_samples=train_state.consumed_valid_samples, dp_rank=dist_ctx.rank,
         dp_size=dist_ctx.world_size, eod=eod,
     )
