@@ -26,5 +26,5 @@ def resolve_inside(folder: str | os.PathLike, relative: object, *, what: str) ->
     path = Path(folder) / relative
     root, target = Path(folder).resolve(), path.resolve()
     if not target.is_relative_to(root):
-        raise UserError(f"{what}: {short_repr(relative)} is a symlink leading out of {folder} (to {target})")
+        raise UserError(f"{what}: {short_repr(relative)} is a symlink leading out of {folder}: {path} (to {target})")
     return path
