@@ -1,11 +1,11 @@
 """LoRA / DoRA training worker for the data-parallel tests: a few real optimizer steps, then the adapters.
 
-    python lora_worker.py --out DIR [--peft dora]                          # one process
-    torchrun --nproc-per-node 2 lora_worker.py --mode fsdp --out DIR       # two ranks, DDP or FSDP2
+    python lora_worker.py --out DIR [--peft lora dora]                         # one process
+    torchrun --nproc-per-node 2 lora_worker.py --mode fsdp --out DIR          # two ranks, DDP or FSDP2
 
 The adapters come from the provider's pre-wrap hook, the wrapping from `training.parallelize` and the
 optimizer from `training.optim`, as in a real run. Every rank trains on its share of one fixed global
-batch; rank 0 writes `adapters.safetensors` and `result.json` (losses, checks) to DIR.
+batch; rank 0 writes `adapters.safetensors` and `result.json` (losses, checks) to DIR/<peft>.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def tiny_config(mode: str, peft: str):
 
 
 def train(mode: str, peft: str, out: Path) -> None:
-    torch.set_num_threads(1)
+    """One run: `peft` ("lora" or "dora") on the tiny model, wrapped as `mode` says when there are two ranks."""
     ctx = initialize(DistributedInitConfig())
     cfg = tiny_config(mode, peft)
     torch.manual_seed(1234)
@@ -75,13 +75,16 @@ def train(mode: str, peft: str, out: Path) -> None:
                   "optimizer_holds_adapters_only": bool(optimized) and all(map(is_adapter_param, optimized)),
                   "optimized": len(optimized), "adapters": len(adapters), "wrapper": type(model).__name__}
         (out / "result.json").write_text(json.dumps(result))
+    dist.barrier()  # no rank leaves (and tears the group down) while another still needs it
     teardown(ctx)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--mode", choices=("ddp", "fsdp"), default="ddp")
-    parser.add_argument("--peft", choices=("lora", "dora"), default="lora")
+    parser.add_argument("--peft", choices=("lora", "dora"), nargs="+", default=["lora"])
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    train(args.mode, args.peft, args.out)
+    torch.set_num_threads(1)
+    for kind in args.peft:
+        train(args.mode, kind, args.out / kind)

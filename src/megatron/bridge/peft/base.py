@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from megatron.bridge.models.decoder import GPTModel
 from megatron.bridge.peft.layers import INIT_METHODS, AdaptedLinear, LowRankAdapter, dora_row_norms
 from megatron.bridge.peft.targets import ADAPTER_SUFFIX, TARGET_KINDS, Site, model_sites, select_sites
 from megatron.bridge.utils.errors import ConfigError, UserError, config_error
@@ -149,8 +150,7 @@ class PEFT:
 
 
 def _check_bare(model: nn.Module) -> None:
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(model, "layers"):
+    if not isinstance(model, GPTModel):
         raise UserError(
             f"PEFT applies to a bare GPTModel, got {type(model).__name__}: add adapters before DDP / FSDP2 "
             "wrapping and before torch.compile (e.g. as a provider pre-wrap hook)"
