@@ -16,11 +16,14 @@ from megatron.bridge.peft import (
     LoRA,
     adapter_state_dict,
     base_parameters,
+    freeze_summary,
+    has_adapters,
     is_adapter_param,
     load_adapter_state_dict,
     lora_flops_per_token,
     merge,
     merged_state_dict,
+    merged_tensor,
 )
 from megatron.bridge.peft.layers import LoRALinear
 from megatron.bridge.training.metrics import model_flops_per_token
@@ -57,6 +60,9 @@ def test_merged_weights_are_base_plus_scaled_b_a_per_member_rows(trained):
     model, base, _, _ = trained
     merged, adapters, scale = merged_state_dict(model), adapter_state_dict(model), 16 / 8
     assert merged.keys() == base.keys()
+    assert torch.equal(merged_tensor(model, "layers.1.mlp.linear_up.weight"), merged["layers.1.mlp.linear_up.weight"])
+    with pytest.raises(UserError, match="is an adapter tensor"):
+        merged_tensor(model, "layers.1.mlp.linear_fc1_adapter.linear_in.weight")
 
     def expect(kind: str, parent: str, members: list[str], layer: int) -> None:
         prefix = parent.format(layer, f"{kind}_adapter")
@@ -221,3 +227,8 @@ def test_adapted_model_is_built_by_the_provider_hook(ids):
     model = provider.provide()
     assert isinstance(model.layers[0].self_attention.linear_q, LoRALinear)
     assert not model.embedding.weight.requires_grad
+    assert has_adapters(model) and not has_adapters(tiny_model())
+    adapters = sum(p.numel() for name, p in model.named_parameters() if is_adapter_param(name))
+    total = sum(p.numel() for p in model.parameters())
+    assert freeze_summary(model) == (f"> PEFT: {adapters / 1e6:.3f}M trainable of {total / 1e6:.2f}M parameters "
+                                     f"({100 * adapters / total:.2f}%)")

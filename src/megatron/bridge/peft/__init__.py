@@ -19,6 +19,7 @@ from megatron.bridge.peft.state import (
     load_adapter_state_dict,
     merge,
     merged_state_dict,
+    merged_tensor,
     merged_weights,
 )
 from megatron.bridge.peft.targets import TARGET_KINDS
@@ -37,6 +38,7 @@ __all__ = [
     "lora_flops_per_token",
     "merge",
     "merged_state_dict",
+    "merged_tensor",
     "merged_weights",
     "peft_from_dict",
 ]

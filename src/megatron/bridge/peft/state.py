@@ -3,8 +3,9 @@
 - `is_adapter_param(name)`: the filter a checkpoint of a LoRA run keeps (adapters only).
 - `adapter_state_dict(model)` / `load_adapter_state_dict(model, state)`: the adapters alone, by our names
   (`layers.0.self_attention.linear_qkv_adapter.linear_in.weight`, ...).
-- `merged_weights(model)`: every base parameter, by our names, with the adapters folded in: what a
-  merged Hugging Face export writes. `merge(model)` does the same in place, leaving a plain model.
+- `merged_weights(model)` / `merged_tensor(model, name)`: the base parameters, by our names, with the
+  adapters folded in: what a merged Hugging Face export writes. `merge(model)` does it in place,
+  leaving a plain model.
 
 Every function accepts the bare model or one wrapped by DDP or `torch.compile`, and FSDP2-sharded
 parameters (gathered with `full_tensor()`, a collective: every rank must make the same calls).
@@ -103,20 +104,27 @@ def _merged(layer: AdaptedLinear) -> torch.Tensor:
     return merged.to(layer.weight.dtype)
 
 
-def merged_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield `(name, tensor)` for every base parameter, in module order, adapters folded in (CPU copies).
+def merged_tensor(model: nn.Module, name: str) -> torch.Tensor:
+    """Base parameter `name` (our name) with its adapter folded in, as a CPU copy in the parameter's dtype.
 
-    A merged weight is computed in float32 and returned in the parameter's dtype: `W + s * B_i @ A` for
-    LoRA, `m_i / ||W + s B_i A|| * (W + s B_i A)` for DoRA. Biases and unadapted parameters are copied.
+    A merged weight is computed in float32: `W + s * B_i @ A` for LoRA, `m_i / ||W + s B_i A|| * (W + s B_i A)`
+    for DoRA. Biases and unadapted parameters are copied as they are. For exporters that stream tensors
+    one by one (under FSDP2 every rank must ask for the same names in the same order).
     """
     model = unwrap(model)
-    layers = _adapted_layers(model)
-    for name, param in base_parameters(model).items():
-        owner, _, leaf = name.rpartition(".")
-        if leaf == "weight" and owner in layers:
-            yield name, _merged(layers[owner]).to("cpu", copy=True)
-        else:
-            yield name, full_tensor(param).to("cpu", copy=True)
+    owner, _, leaf = name.rpartition(".")
+    module = model.get_submodule(owner)
+    if leaf == "weight" and isinstance(module, AdaptedLinear):
+        return _merged(module).to("cpu", copy=True)
+    if is_adapter_param(name):
+        raise UserError(f"{name} is an adapter tensor, not a base parameter")
+    return full_tensor(getattr(module, leaf)).to("cpu", copy=True)
+
+
+def merged_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield `(name, merged_tensor(model, name))` for every base parameter, in module order."""
+    for name in base_parameters(model):
+        yield name, merged_tensor(model, name)
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
