@@ -39,7 +39,8 @@ def _check_names(name: str, value: Any) -> None:
         raise config_error(f"peft.{name}", value, "a list of module names or patterns, e.g. ['linear_qkv']")
 
 
-# TODO(lead): field guard (derive from the KnownFieldsOnly mixin so that `peft.dimm = 8` is refused).
+# TODO(lead): field guard (derive from the KnownFieldsOnly mixin, which reads `_section`, so that
+# `peft.dimm = 8` is refused).
 @dataclass
 class PEFT:
     """Fields shared by `LoRA` and `DoRA` (upstream's names and meaning); subclasses set the defaults."""
@@ -88,11 +89,6 @@ class PEFT:
         for name in ("lora_A_init_method", "lora_B_init_method"):
             if getattr(self, name) not in INIT_METHODS:
                 raise config_error(f"peft.{name}", getattr(self, name), f"one of {', '.join(INIT_METHODS)}")
-
-    @property
-    def scale(self) -> float:
-        """`alpha / dim`, the factor on `B @ A`."""
-        return self.alpha / self.dim
 
     def sites(self, provider: Any) -> list[Site]:
         """The sites of `provider`'s model this config adapts; raises `ConfigError` if an entry matches none.

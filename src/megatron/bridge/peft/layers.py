@@ -18,6 +18,10 @@ Math, with `s = alpha / dim` and each member's rows `B_i`, `m_i`:
 
     LoRA   y = W x + b + s * B_i A drop(x)                       (dropout "pre"; "post" drops s * B_i A x)
     DoRA   y = (m_i / ||W + s B_i A||) * (W x + s * B_i A x) + b (row norms, treated as constants)
+
+Each member computes `A x` itself (in eager mode three times for q, k, v: a `dim`-wide product, small
+next to the projections; a compiler can share it) and, with dropout, draws its own mask, as peft's
+separate projections do.
 """
 
 from __future__ import annotations
