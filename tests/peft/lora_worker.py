@@ -5,7 +5,8 @@
 
 The adapters come from the provider's pre-wrap hook, the wrapping from `training.parallelize` and the
 optimizer from `training.optim`, as in a real run. Every rank trains on its share of one fixed global
-batch; rank 0 writes `adapters.safetensors` and `result.json` (losses, checks) to DIR/<peft>.
+batch; rank 0 writes `adapters.safetensors`, `merged.safetensors` (base + adapters), a peft folder `hf/`
+and `result.json` (losses, checks) to DIR/<peft>; the gathers of sharded tensors run on every rank.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from megatron.bridge.peft import DoRA, LoRA, adapter_state_dict, base_parameters, is_adapter_param
+from megatron.bridge.peft import DoRA, LoRA, adapter_state_dict, base_parameters, is_adapter_param, merged_state_dict
 from megatron.bridge.peft.base import full_tensor
+from megatron.bridge.peft.hf_adapter import save_hf_adapter
 from megatron.bridge.recipes.qwen import qwen25_tiny_pretrain_config
 from megatron.bridge.training.config import DistributedInitConfig
 from megatron.bridge.training.distributed import initialize, teardown
@@ -40,13 +42,13 @@ def tiny_config(mode: str, peft: str):
     cfg.scheduler.lr_warmup_iters, cfg.scheduler.lr_decay_style = 0, "constant"
     adapters = LoRA(dim=4, alpha=8) if peft == "lora" else DoRA(dim=4, alpha=8)
     cfg.model.register_pre_wrap_hook(adapters)
-    return cfg
+    return cfg, adapters
 
 
 def train(mode: str, peft: str, out: Path) -> None:
     """One run: `peft` ("lora" or "dora") on the tiny model, wrapped as `mode` says when there are two ranks."""
     ctx = initialize(DistributedInitConfig())
-    cfg = tiny_config(mode, peft)
+    cfg, adapters_config = tiny_config(mode, peft)
     torch.manual_seed(1234)
     raw = cfg.model.provide()
     base_before = {name: p.detach().clone() for name, p in base_parameters(raw).items()}
@@ -63,14 +65,16 @@ def train(mode: str, peft: str, out: Path) -> None:
         global_loss = loss.detach().clone()
         dist.all_reduce(global_loss, op=dist.ReduceOp.AVG)
         losses.append(global_loss.item())
-    adapters = adapter_state_dict(model)
+    adapters, merged = adapter_state_dict(model), merged_state_dict(model)
+    out.mkdir(parents=True, exist_ok=True)
+    save_hf_adapter(model, out / "hf", peft_config=adapters_config)
     base_unchanged = all(torch.equal(full_tensor(p).cpu(), base_before[name])
                          for name, p in base_parameters(raw).items())
     optimized = [name for name, p in raw.named_parameters() if any(p is q for g in optimizer.param_groups
                                                                    for q in g["params"])]
     if ctx.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
         save_file(adapters, out / "adapters.safetensors")
+        save_file(merged, out / "merged.safetensors")
         result = {"losses": losses, "base_unchanged": base_unchanged, "world_size": ctx.world_size,
                   "optimizer_holds_adapters_only": bool(optimized) and all(map(is_adapter_param, optimized)),
                   "optimized": len(optimized), "adapters": len(adapters), "wrapper": type(model).__name__}

@@ -34,7 +34,10 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess:
 
 
 def _result(out: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    return json.loads((out / "result.json").read_text()), load_file(out / "adapters.safetensors")
+    """The run's checks and its tensors: adapters, merged weights and the peft folder's, by file and name."""
+    tensors = {f"{file}:{name}": tensor for file in ("adapters", "merged", "hf/adapter_model")
+               for name, tensor in load_file(out / f"{file}.safetensors").items()}
+    return json.loads((out / "result.json").read_text()), tensors
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +62,6 @@ def test_two_ranks_train_the_adapters_one_rank_trains(mode, kinds, single_rank, 
         assert result["optimizer_holds_adapters_only"] and result["optimized"] == result["adapters"]
         torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(reference["losses"]), rtol=1e-5,
                                    atol=0)
-        assert adapters.keys() == reference_adapters.keys()
+        assert adapters.keys() == reference_adapters.keys() and len(adapters) > 16 + 2 * 14
         for name, tensor in adapters.items():
             torch.testing.assert_close(tensor, reference_adapters[name], rtol=1e-4, atol=1e-6, msg=name)
