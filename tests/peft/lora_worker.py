@@ -46,7 +46,10 @@ def tiny_config(mode: str, peft: str):
 
 
 def train(mode: str, peft: str, out: Path) -> None:
-    """One run: `peft` ("lora" or "dora") on the tiny model, wrapped as `mode` says when there are two ranks."""
+    """One run: `peft` ("lora" or "dora") on the tiny model, wrapped as `mode` says when there are two ranks.
+
+    Uses the process group if one exists, else makes (and destroys) a 1-rank one.
+    """
     ctx = initialize(DistributedInitConfig())
     cfg, adapters_config = tiny_config(mode, peft)
     torch.manual_seed(1234)
@@ -90,5 +93,7 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    context = initialize(DistributedInitConfig())  # one group for every run: re-creating it races on the port
     for kind in args.peft:
         train(args.mode, kind, args.out / kind)
+    teardown(context)
