@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from megatron.bridge import AutoBridge
 from megatron.bridge.peft import DoRA, LoRA, adapter_state_dict, load_adapter_state_dict, merge
-from megatron.bridge.peft.hf_adapter import load_hf_adapter, save_hf_adapter
+from megatron.bridge.peft.hf_adapter import load_hf_adapter, save_hf_adapter, save_hf_adapter_state_dict
 from megatron.bridge.utils.errors import UserError
 
 transformers = pytest.importorskip("transformers")
@@ -181,6 +181,9 @@ def test_existing_folders_are_kept_unless_overwrite(exports, tmp_path):
         save_hf_adapter(model, tmp_path / "wrong", peft_config=DoRA(dim=4, alpha=8))
     with pytest.raises(UserError, match="no adapters"):
         save_hf_adapter(merge(copy.deepcopy(model)), tmp_path / "wrong", peft_config=config)
+    prefixed = {f"model.{name}": t for name, t in adapter_state_dict(model).items()}  # a checkpoint's raw keys
+    with pytest.raises(UserError, match=r"holds tensors that are no adapter of this model: model\.layers\.0\."):
+        save_hf_adapter_state_dict(prefixed, tmp_path / "wrong", provider=model.config, peft_config=config)
     assert not (tmp_path / "wrong").exists()
 
 
