@@ -31,9 +31,10 @@ from typing import Any
 
 import torch
 
+from megatron.bridge.checkpoint import integrity as checkpoint_integrity
+from megatron.bridge.checkpoint.io import iteration_dir
 from megatron.bridge.recipes.qwen import qwen25_500m_pretrain_config
-from megatron.bridge.training import checkpoint_integrity, checkpointing
-from megatron.bridge.training.checkpoint_io import iteration_dir
+from megatron.bridge.training import checkpointing
 from megatron.bridge.training.checkpointing import CheckpointManager, estimate_checkpoint_bytes
 from megatron.bridge.training.mixed_precision import MixedPrecision
 from megatron.bridge.training.optim import setup_optimizer

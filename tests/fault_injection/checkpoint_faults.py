@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from helpers import make_tiny_config
-from megatron.bridge.training import checkpoint_io
+from megatron.bridge.checkpoint import io as checkpoint_io
 from megatron.bridge.training.callbacks import Callback
 from megatron.bridge.training.gpt_step import forward_step
 from megatron.bridge.training.pretrain import pretrain

@@ -13,7 +13,7 @@ import pytest
 from checkpoint_faults import Stateful, tmpfs
 
 from helpers import make_tiny_config
-from megatron.bridge.training.checkpoint_lock import CheckpointSaveError
+from megatron.bridge.checkpoint.lock import CheckpointSaveError
 from megatron.bridge.training.gpt_step import forward_step
 from megatron.bridge.training.pretrain import pretrain
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from checkpoint_faults import expect_refused, train
 
-from megatron.bridge.training import checkpoint_integrity
+from megatron.bridge.checkpoint import integrity as checkpoint_integrity
 
 ITERATION = "iter_0000004"
 

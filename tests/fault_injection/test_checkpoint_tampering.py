@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from checkpoint_faults import expect_refused, train
 
-from megatron.bridge.training import checkpoint_io
-from megatron.bridge.training.checkpoint_integrity import MANIFEST_FILE
+from megatron.bridge.checkpoint import io as checkpoint_io
+from megatron.bridge.checkpoint.integrity import MANIFEST_FILE
 
 ITERATION = "iter_0000004"
 TRACKER = checkpoint_io.TRACKER_FILE

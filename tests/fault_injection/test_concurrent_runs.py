@@ -24,8 +24,8 @@ import pytest
 from checkpoint_faults import Stateful
 
 from helpers import make_tiny_config
-from megatron.bridge.training import checkpoint_io
-from megatron.bridge.training.checkpoint_lock import LOCK_FILE, SaveFolderInUseError, SaveFolderLock
+from megatron.bridge.checkpoint import io as checkpoint_io
+from megatron.bridge.checkpoint.lock import LOCK_FILE, SaveFolderInUseError, SaveFolderLock
 from megatron.bridge.training.gpt_step import forward_step
 from megatron.bridge.training.pretrain import pretrain
 

@@ -8,8 +8,8 @@ import pytest
 from checkpoint_faults import Stateful, tmpfs, train
 
 from helpers import make_tiny_config
-from megatron.bridge.training import checkpoint_io
-from megatron.bridge.training.checkpoint_lock import LOCK_FILE, CheckpointSaveError
+from megatron.bridge.checkpoint import io as checkpoint_io
+from megatron.bridge.checkpoint.lock import LOCK_FILE, CheckpointSaveError
 from megatron.bridge.training.checkpointing import estimate_checkpoint_bytes
 from megatron.bridge.training.gpt_step import forward_step
 from megatron.bridge.training.optim import setup_optimizer

@@ -25,8 +25,8 @@ import torch
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from helpers import make_tiny_config, shrink
+from megatron.bridge.checkpoint import io as checkpoint_io
 from megatron.bridge.recipes.qwen import qwen25_500m_pretrain_config, qwen25_tiny_pretrain_config
-from megatron.bridge.training import checkpoint_io
 from megatron.bridge.training.callbacks import CallbackManager
 from megatron.bridge.training.gpt_step import forward_step
 from megatron.bridge.training.pretrain import pretrain

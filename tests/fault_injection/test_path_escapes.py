@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from checkpoint_faults import expect_refused, train
 
-from megatron.bridge.training import checkpoint_integrity, checkpoint_io
+from megatron.bridge.checkpoint import integrity as checkpoint_integrity
+from megatron.bridge.checkpoint import io as checkpoint_io
 from megatron.bridge.utils.errors import UserError
 from megatron.bridge.utils.paths import resolve_inside
 

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from helpers import make_tiny_config
-from megatron.bridge.training import checkpoint_io
+from megatron.bridge.checkpoint import io as checkpoint_io
 from megatron.bridge.training.builtin_callbacks import (
     EarlyStopping,
     JSONLMetricsWriter,

@@ -24,8 +24,9 @@ import yaml
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from helpers import make_tiny_config
+from megatron.bridge.checkpoint import integrity as checkpoint_integrity
+from megatron.bridge.checkpoint import io as checkpoint_io
 from megatron.bridge.data.mock import MockGPTDataset
-from megatron.bridge.training import checkpoint_integrity, checkpoint_io
 from megatron.bridge.training.callbacks import Callback, CallbackManager
 from megatron.bridge.training.config import ConfigContainer
 from megatron.bridge.training.gpt_step import forward_step

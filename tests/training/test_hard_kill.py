@@ -26,7 +26,7 @@ import yaml
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from helpers import make_tiny_config
-from megatron.bridge.training import checkpoint_io
+from megatron.bridge.checkpoint import io as checkpoint_io
 from megatron.bridge.training.callbacks import Callback
 from megatron.bridge.training.config import ConfigContainer
 from megatron.bridge.training.gpt_step import forward_step

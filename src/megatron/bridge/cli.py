@@ -20,7 +20,6 @@ import dataclasses
 import difflib
 import importlib
 import pkgutil
-import sys
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -189,20 +188,8 @@ def _check_known(target: Any, name: str, walked: list[str]) -> None:
 
 
 def _field_types(cls: type) -> dict[str, Any]:
-    """Resolved annotations of a dataclass's fields (Any where one cannot be resolved)."""
-    try:
-        return typing.get_type_hints(cls)
-    except NameError:
-        # A name imported only for type checking (ConfigContainer.model): resolve field by field.
-        hints = {}
-        module_globals = vars(sys.modules[cls.__module__])
-        for f in dataclasses.fields(cls):
-            try:
-                hints[f.name] = typing.get_type_hints(types.SimpleNamespace(__annotations__={f.name: f.type}),
-                                                      globalns=module_globals)[f.name]
-            except NameError:
-                hints[f.name] = Any
-        return hints
+    """Resolved annotations of a dataclass's fields."""
+    return typing.get_type_hints(cls)
 
 
 def _type_name(hint: Any) -> str:

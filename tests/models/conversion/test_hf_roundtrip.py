@@ -14,10 +14,10 @@ from hf_tiny import TOKENIZER_FILES, build_hf, qwen2_config, save_hf, token_ids
 from safetensors.torch import load_file
 
 from megatron.bridge import AutoBridge
+from megatron.bridge.checkpoint import io as checkpoint_io
 from megatron.bridge.convert import main as convert_main
 from megatron.bridge.models.conversion import PARAM_MAPPINGS, to_hf_name, to_megatron_name
 from megatron.bridge.models.conversion.safetensors_io import SafetensorsReader
-from megatron.bridge.training import checkpoint_io
 
 transformers = pytest.importorskip("transformers")
 

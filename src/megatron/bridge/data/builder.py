@@ -38,7 +38,7 @@ from megatron.bridge.utils.errors import config_error
 from megatron.bridge.utils.logging import print_rank_0
 
 if TYPE_CHECKING:
-    from megatron.bridge.training.config import GPTDatasetConfig
+    from megatron.bridge.data.config import GPTDatasetConfig
 
 # Megatron-LM's `mid_level_dataset_surplus` default: each blended dataset is built this much larger.
 MID_LEVEL_SURPLUS = 0.005

@@ -18,8 +18,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from megatron.bridge.data.builder import build_gpt_datasets
+from megatron.bridge.data.config import DATALOADER_TYPES, GPTDatasetConfig
 from megatron.bridge.data.mock import MockGPTDataset
-from megatron.bridge.training.config import DATALOADER_TYPES, GPTDatasetConfig
 
 MicroBatch = dict[str, torch.Tensor]
 

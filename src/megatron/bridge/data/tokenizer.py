@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 from megatron.bridge.utils.errors import ConfigError
 
 if TYPE_CHECKING:
-    from megatron.bridge.training.config import TokenizerConfig
+    from megatron.bridge.data.config import TokenizerConfig
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"

@@ -7,13 +7,23 @@ demo prints and keeps the model free of inference-only code.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from megatron.bridge.data.tokenizer import Tokenizer
+
+class Tokenizer(Protocol):
+    """What sampling needs of a tokenizer (`megatron.bridge.data.tokenizer`'s have it): text to ids and back."""
+
+    vocab_size: int
+    eod: int
+
+    def tokenize(self, text: str) -> list[int]:
+        """The ids of `text`."""
+
+    def detokenize(self, ids: list[int]) -> str:
+        """The text of `ids`."""
 
 
 def _unwrap(model: nn.Module | list[nn.Module]) -> nn.Module:

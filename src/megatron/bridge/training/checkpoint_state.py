@@ -19,16 +19,11 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.metadata import Metadata
 
-from megatron.bridge.training import checkpoint_integrity as integrity
-from megatron.bridge.training import checkpoint_io as io
-from megatron.bridge.training import checkpoint_schema as schema
-from megatron.bridge.training.checkpoint_integrity import CheckpointError
+from megatron.bridge.checkpoint import integrity, io, schema
+from megatron.bridge.checkpoint.integrity import CheckpointError
+from megatron.bridge.checkpoint.train_state import TrainState
 from megatron.bridge.training.optim import OptimizerParamScheduler
-from megatron.bridge.training.state import TrainState
 
-FORMAT_VERSION = 1
-"""The layout's version. `manifest.json` is an addition readers of version 1 ignore, so it kept the
-number: a checkpoint without one (written before checksums) is loaded unverified, with a warning."""
 PER_TENSOR_OVERHEAD = 2048
 """Bytes a checkpoint adds per tensor: `torch.save`'s framing in the `.distcp` file and its index entry."""
 FIXED_OVERHEAD = 256 << 10
@@ -132,7 +127,7 @@ class CheckpointFiles:
         scaler_schema = (schema.like(scaler.state_dict(), required=scaler.state_dict()) if scaler is not None
                          else schema.mapping(schema.string(), schema.number()))
         check = schema.record({
-            "format_version": schema.integer(FORMAT_VERSION, FORMAT_VERSION),
+            "format_version": schema.integer(io.FORMAT_VERSION, io.FORMAT_VERSION),
             "train_state": _train_state_schema(),
             "scheduler": schema.like(scheduler.state_dict(), required=["num_steps"]),
             "grad_scaler": scaler_schema,

@@ -33,24 +33,22 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from megatron.bridge.training import checkpoint_integrity as integrity
-from megatron.bridge.training import checkpoint_io as io
-from megatron.bridge.training import checkpoint_state as saved
-from megatron.bridge.training.callbacks import CallbackContext, CallbackManager, should_fire
-from megatron.bridge.training.checkpoint_lock import (
+from megatron.bridge.checkpoint import integrity, io
+from megatron.bridge.checkpoint.lock import (
     CheckpointSaveError,
     SaveFolderInUseError,
     SaveFolderLock,
     claim_save_folder,
     format_bytes,
 )
+from megatron.bridge.training import checkpoint_state as saved
+from megatron.bridge.training.callbacks import CallbackContext, CallbackManager, should_fire
 from megatron.bridge.training.config import CheckpointConfig
-from megatron.bridge.training.distributed import print_rank_0
 from megatron.bridge.training.mixed_precision import MixedPrecision
 from megatron.bridge.training.optim import OptimizerParamScheduler
 from megatron.bridge.training.state import GlobalState
+from megatron.bridge.utils.logging import print_rank_0
 
-FORMAT_VERSION = saved.FORMAT_VERSION
 _MODEL, _OPTIM = "model.", "optimizer."
 
 
@@ -169,7 +167,7 @@ class CheckpointManager:
         chunk = self.model[0]
         tensors = {_MODEL + key: value for key, value in get_model_state_dict(chunk).items()}
         common: dict[str, Any] = {
-            "format_version": FORMAT_VERSION,
+            "format_version": io.FORMAT_VERSION,
             "train_state": self.state.train_state.state_dict(),
         }
         if self.config.save_optim:

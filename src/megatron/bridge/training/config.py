@@ -13,71 +13,36 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from megatron.bridge.utils.config_fields import KnownFieldsOnly, UnknownFieldError  # noqa: F401 - re-exported
+from megatron.bridge.data.config import (  # noqa: F401 - re-exported: every import path of the contract keeps working
+    DATALOADER_TYPES,
+    TOKENIZER_TYPES,
+    GPTDatasetConfig,
+    MockGPTDatasetConfig,
+    TokenizerConfig,
+)
+from megatron.bridge.models.gpt_provider import GPTModelProvider
+from megatron.bridge.utils.config_checks import (
+    NUMPY_SEED_LIMIT,  # noqa: F401 - re-exported
+    check_choice,
+    check_fraction,
+    check_number,
+    check_positive,
+    check_seed,
+    is_int,
+)
+from megatron.bridge.utils.config_fields import KnownFieldsOnly, UnknownFieldError, to_plain  # noqa: F401
 from megatron.bridge.utils.errors import ConfigError, config_error  # noqa: F401 - re-exported
-
-if TYPE_CHECKING:
-    from megatron.bridge.models.gpt_provider import GPTModelProvider
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "WSD")
 WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
 WEIGHT_DECAY_INCR_STYLES = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adam", "sgd")
 MIXED_PRECISION_RECIPES = ("bf16_mixed", "fp16_mixed", "fp32")
-TOKENIZER_TYPES = ("NullTokenizer", "HuggingFaceTokenizer")
 CKPT_FORMATS = ("torch_dist",)
-DATALOADER_TYPES = ("single", "cyclic")
 DIST_BACKENDS = ("nccl", "gloo")
-
-
-NUMPY_SEED_LIMIT = 2**32
-"""Seeds must be below this: NumPy's legacy seeding takes 32-bit integers."""
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not to us
-
-
-def _check_positive(field_name: str, value: Any, *, optional: bool = True) -> None:
-    if value is None and optional:
-        return
-    if not _is_int(value) or value <= 0:
-        allowed = "a positive integer" + (" or None" if optional else "")
-        raise config_error(field_name, value, allowed)
-
-
-def _check_choice(field_name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise config_error(field_name, value, f"choose one of {', '.join(choices)}")
-
-
-def _check_number(field_name: str, value: Any, allowed: str, *, ok: Callable[[float], bool] = lambda _: True,
-                  infinite: bool = False, optional: bool = False) -> None:
-    """Refuse anything but a real number for which `ok` holds: NaN never, infinity only when `infinite`.
-
-    NaN passes no comparison and infinity passes most (`inf > 0`), so both are ruled out first; a string
-    or a bool is not a number either, though `True > 0` holds.
-    """
-    if value is None and optional:
-        return
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if (not is_number or (isinstance(value, float) and math.isnan(value))
-            or (not infinite and isinstance(value, float) and math.isinf(value)) or not ok(value)):
-        raise config_error(field_name, value, allowed)
-
-
-def _check_fraction(field_name: str, value: Any) -> None:
-    _check_number(field_name, value, "a probability in [0, 1)", ok=lambda v: 0.0 <= v < 1.0)
-
-
-def _check_seed(field_name: str, value: Any) -> None:
-    if not _is_int(value) or not 0 <= value < NUMPY_SEED_LIMIT:
-        raise config_error(field_name, value, "an integer in [0, 2**32) (NumPy's seed range)")
 
 
 @dataclass(kw_only=True)
@@ -106,13 +71,13 @@ class TrainingConfig(KnownFieldsOnly):
     """`torch.compile` each transformer block (None: on when training on a GPU, off on the CPU)."""
 
     def validate(self) -> None:
-        _check_positive("train.train_iters", self.train_iters)
-        _check_positive("train.global_batch_size", self.global_batch_size, optional=False)
-        _check_positive("train.micro_batch_size", self.micro_batch_size, optional=False)
-        _check_positive("train.exit_interval", self.exit_interval)
-        _check_number("train.exit_duration_in_mins", self.exit_duration_in_mins, "a positive number or None",
+        check_positive("train.train_iters", self.train_iters)
+        check_positive("train.global_batch_size", self.global_batch_size, optional=False)
+        check_positive("train.micro_batch_size", self.micro_batch_size, optional=False)
+        check_positive("train.exit_interval", self.exit_interval)
+        check_number("train.exit_duration_in_mins", self.exit_duration_in_mins, "a positive number or None",
                       ok=lambda v: v > 0, infinite=True, optional=True)
-        if not _is_int(self.manual_gc_interval) or self.manual_gc_interval < 0:
+        if not is_int(self.manual_gc_interval) or self.manual_gc_interval < 0:
             raise config_error("train.manual_gc_interval", self.manual_gc_interval, "an integer >= 0")
 
 
@@ -130,8 +95,8 @@ class ValidationConfig(KnownFieldsOnly):
     """Skip training and only run the post-training validation and test passes."""
 
     def validate(self) -> None:
-        _check_positive("validation.eval_interval", self.eval_interval)
-        if not _is_int(self.eval_iters) or self.eval_iters < 0:
+        check_positive("validation.eval_interval", self.eval_interval)
+        if not is_int(self.eval_iters) or self.eval_iters < 0:
             raise config_error("validation.eval_iters", self.eval_iters, "an integer >= 0")
 
 
@@ -173,26 +138,26 @@ class OptimizerConfig(KnownFieldsOnly):
     """Shard optimizer state across data-parallel ranks (FSDP2)."""
 
     def validate(self) -> None:
-        _check_choice("optimizer.optimizer", self.optimizer, OPTIMIZERS)
-        _check_number("optimizer.lr", self.lr, "a finite positive number", ok=lambda v: v > 0)
-        _check_number("optimizer.min_lr", self.min_lr, f"a finite number in [0, optimizer.lr={self.lr}]",
+        check_choice("optimizer.optimizer", self.optimizer, OPTIMIZERS)
+        check_number("optimizer.lr", self.lr, "a finite positive number", ok=lambda v: v > 0)
+        check_number("optimizer.min_lr", self.min_lr, f"a finite number in [0, optimizer.lr={self.lr}]",
                       ok=lambda v: 0 <= v <= self.lr)
-        _check_number("optimizer.weight_decay", self.weight_decay, "a finite number >= 0", ok=lambda v: v >= 0)
-        _check_fraction("optimizer.adam_beta1", self.adam_beta1)
-        _check_fraction("optimizer.adam_beta2", self.adam_beta2)
-        _check_number("optimizer.adam_eps", self.adam_eps, "a finite positive number", ok=lambda v: v > 0)
-        _check_fraction("optimizer.sgd_momentum", self.sgd_momentum)
-        _check_number("optimizer.clip_grad", self.clip_grad,
+        check_number("optimizer.weight_decay", self.weight_decay, "a finite number >= 0", ok=lambda v: v >= 0)
+        check_fraction("optimizer.adam_beta1", self.adam_beta1)
+        check_fraction("optimizer.adam_beta2", self.adam_beta2)
+        check_number("optimizer.adam_eps", self.adam_eps, "a finite positive number", ok=lambda v: v > 0)
+        check_fraction("optimizer.sgd_momentum", self.sgd_momentum)
+        check_number("optimizer.clip_grad", self.clip_grad,
                       "a number >= 0 (0 disables clipping, inf measures the norm without clipping)",
                       ok=lambda v: v >= 0, infinite=True)
         if self.bf16 and self.fp16:
             raise config_error("optimizer.fp16", self.fp16, "False when optimizer.bf16=True (pick one precision)")
-        _check_number("optimizer.initial_loss_scale", self.initial_loss_scale, "a finite positive number",
+        check_number("optimizer.initial_loss_scale", self.initial_loss_scale, "a finite positive number",
                       ok=lambda v: v > 0)
-        _check_number("optimizer.min_loss_scale", self.min_loss_scale,
+        check_number("optimizer.min_loss_scale", self.min_loss_scale,
                       f"a finite positive number at most optimizer.initial_loss_scale={self.initial_loss_scale}",
                       ok=lambda v: 0 < v <= self.initial_loss_scale)
-        _check_positive("optimizer.loss_scale_window", self.loss_scale_window, optional=False)
+        check_positive("optimizer.loss_scale_window", self.loss_scale_window, optional=False)
 
 
 @dataclass(kw_only=True)
@@ -223,124 +188,17 @@ class SchedulerConfig(KnownFieldsOnly):
     """On resume, take the schedule from this config rather than from the checkpoint."""
 
     def validate(self) -> None:
-        _check_choice("scheduler.lr_decay_style", self.lr_decay_style, LR_DECAY_STYLES)
-        _check_choice("scheduler.lr_wsd_decay_style", self.lr_wsd_decay_style, WSD_DECAY_STYLES)
-        _check_choice("scheduler.weight_decay_incr_style", self.weight_decay_incr_style, WEIGHT_DECAY_INCR_STYLES)
-        if not _is_int(self.lr_warmup_iters) or self.lr_warmup_iters < 0:
+        check_choice("scheduler.lr_decay_style", self.lr_decay_style, LR_DECAY_STYLES)
+        check_choice("scheduler.lr_wsd_decay_style", self.lr_wsd_decay_style, WSD_DECAY_STYLES)
+        check_choice("scheduler.weight_decay_incr_style", self.weight_decay_incr_style, WEIGHT_DECAY_INCR_STYLES)
+        if not is_int(self.lr_warmup_iters) or self.lr_warmup_iters < 0:
             raise config_error("scheduler.lr_warmup_iters", self.lr_warmup_iters, "an integer >= 0")
-        _check_number("scheduler.lr_warmup_init", self.lr_warmup_init, "a finite number >= 0", ok=lambda v: v >= 0)
-        _check_positive("scheduler.lr_decay_iters", self.lr_decay_iters)
-        _check_positive("scheduler.lr_wsd_decay_iters", self.lr_wsd_decay_iters)
+        check_number("scheduler.lr_warmup_init", self.lr_warmup_init, "a finite number >= 0", ok=lambda v: v >= 0)
+        check_positive("scheduler.lr_decay_iters", self.lr_decay_iters)
+        check_positive("scheduler.lr_wsd_decay_iters", self.lr_wsd_decay_iters)
         for name in ("start_weight_decay", "end_weight_decay"):
-            _check_number(f"scheduler.{name}", getattr(self, name), "a finite number >= 0 or None",
+            check_number(f"scheduler.{name}", getattr(self, name), "a finite number >= 0 or None",
                           ok=lambda v: v >= 0, optional=True)
-
-
-@dataclass(kw_only=True)
-class GPTDatasetConfig(KnownFieldsOnly):
-    """Where training samples come from; with no `blend` and no `data_path`, seeded mock data."""
-
-    _section = "dataset"
-
-    seq_length: int = 4096
-    """Tokens per sample; must equal `model.seq_length`."""
-    random_seed: int = 1234
-    """Seed for building and shuffling the datasets."""
-    blend: Any = None
-    """Indexed datasets (path prefixes), optionally weighted: `(["a", "b"], [0.3, 0.7])` (None: mock data)."""
-    split: str = "969,30,1"
-    """Relative sizes of the train, validation and test splits, e.g. "969,30,1"."""
-    data_path: Any = None
-    """Alternative spelling of `blend`: one path prefix, or a flat list as `blend` takes."""
-    path_to_cache: str | None = None
-    """Directory for the cached sample indices (None: `<prefix>_cache` next to each dataset)."""
-    reset_position_ids: bool = False
-    """Restart position ids at every end-of-document token."""
-    reset_attention_mask: bool = False
-    """Stop attention across end-of-document tokens."""
-    eod_mask_loss: bool = False
-    """Exclude end-of-document tokens from the loss."""
-    num_workers: int = 0
-    """DataLoader worker processes."""
-    dataloader_type: str = "single"
-    """`single` (each sample once, in order) or `cyclic` (wrap around when exhausted)."""
-
-    @property
-    def uses_mock_data(self) -> bool:
-        """True when no real data source is configured."""
-        return self.blend is None and self.data_path is None
-
-    def resolved_blend(self) -> tuple[list[str], list[float] | None]:
-        """The dataset path prefixes and their weights (None: unweighted) from `blend` or `data_path`."""
-        from megatron.bridge.data.blend import parse_blend  # lazy: the data package imports this module
-
-        return parse_blend(self.blend, self.data_path)
-
-    def split_weights(self) -> tuple[float, float, float]:
-        """The train/validation/test fractions parsed from `split`."""
-        parts = [p.strip() for p in str(self.split).replace("/", ",").split(",")]
-        try:
-            values = [float(p) for p in parts]
-        except ValueError:
-            values = []
-        if len(values) not in (1, 2, 3) or not all(math.isfinite(v) and v >= 0 for v in values) or sum(values) <= 0:
-            raise config_error("dataset.split", self.split, 'up to three finite numbers >= 0, e.g. "969,30,1"')
-        values += [0.0] * (3 - len(values))
-        total = sum(values)
-        return values[0] / total, values[1] / total, values[2] / total
-
-    def validate(self) -> None:
-        _check_positive("dataset.seq_length", self.seq_length, optional=False)
-        _check_seed("dataset.random_seed", self.random_seed)
-        _check_choice("dataset.dataloader_type", self.dataloader_type, DATALOADER_TYPES)
-        if not _is_int(self.num_workers) or self.num_workers < 0:
-            raise config_error("dataset.num_workers", self.num_workers, "an integer >= 0")
-        self.split_weights()
-        if not self.uses_mock_data:
-            from megatron.bridge.data.blend import check_dataset_files
-
-            paths, _ = self.resolved_blend()
-            check_dataset_files(paths, "dataset.blend" if self.blend is not None else "dataset.data_path")
-
-
-@dataclass(kw_only=True)
-class MockGPTDatasetConfig(GPTDatasetConfig):
-    """A dataset config that always serves the seeded mock data (`blend` and `data_path` are ignored)."""
-
-    @property
-    def uses_mock_data(self) -> bool:
-        """Always True."""
-        return True
-
-
-@dataclass(kw_only=True)
-class TokenizerConfig(KnownFieldsOnly):
-    """Which tokenizer turns text into ids; the model's vocabulary follows its size."""
-
-    _section = "tokenizer"
-
-    tokenizer_type: str = "NullTokenizer"
-    """NullTokenizer (the data holds ids; end of document = vocab_size - 1) or HuggingFaceTokenizer."""
-    tokenizer_model: str | None = None
-    """HuggingFaceTokenizer only: a local tokenizer.json or a folder holding one (never downloaded)."""
-    vocab_size: int | None = None
-    """NullTokenizer: the vocabulary size. HuggingFaceTokenizer: filled from the tokenizer by `pretrain`."""
-
-    def validate(self) -> None:
-        _check_choice("tokenizer.tokenizer_type", self.tokenizer_type, TOKENIZER_TYPES)
-        if self.tokenizer_type == "NullTokenizer":
-            # The last id is the end-of-document token, so one id leaves no room for any data.
-            if not _is_int(self.vocab_size) or self.vocab_size < 2:
-                raise config_error("tokenizer.vocab_size", self.vocab_size,
-                                   "an integer >= 2 (NullTokenizer: the last id is the end-of-document token)")
-            return
-        _check_positive("tokenizer.vocab_size", self.vocab_size)
-        if not self.tokenizer_model:
-            raise config_error("tokenizer.tokenizer_model", self.tokenizer_model,
-                               "a local tokenizer.json or a folder holding one (HuggingFaceTokenizer needs it)")
-        from megatron.bridge.data.tokenizer import resolve_tokenizer_file
-
-        resolve_tokenizer_file(self.tokenizer_model)
 
 
 @dataclass(kw_only=True)
@@ -375,9 +233,9 @@ class CheckpointConfig(KnownFieldsOnly):
     """Write checkpoints in the background while training continues."""
 
     def validate(self) -> None:
-        _check_positive("checkpoint.save_interval", self.save_interval)
-        _check_choice("checkpoint.ckpt_format", self.ckpt_format, CKPT_FORMATS)
-        if not _is_int(self.most_recent_k) or self.most_recent_k == 0 or self.most_recent_k < -1:
+        check_positive("checkpoint.save_interval", self.save_interval)
+        check_choice("checkpoint.ckpt_format", self.ckpt_format, CKPT_FORMATS)
+        if not is_int(self.most_recent_k) or self.most_recent_k == 0 or self.most_recent_k < -1:
             raise config_error("checkpoint.most_recent_k", self.most_recent_k, "-1 (keep all) or a positive integer")
 
 
@@ -407,8 +265,8 @@ class LoggerConfig(KnownFieldsOnly):
     """Warn (once per callback) when one callback takes more than this share of the step time."""
 
     def validate(self) -> None:
-        _check_positive("logger.log_interval", self.log_interval, optional=False)
-        _check_number("logger.callback_time_warning_share", self.callback_time_warning_share,
+        check_positive("logger.log_interval", self.log_interval, optional=False)
+        check_number("logger.callback_time_warning_share", self.callback_time_warning_share,
                       "a share of the step time in (0, 1]", ok=lambda v: 0.0 < v <= 1.0)
         if self.wandb_project and importlib.util.find_spec("wandb") is None:
             raise config_error("logger.wandb_project", self.wandb_project,
@@ -425,7 +283,7 @@ class RNGConfig(KnownFieldsOnly):
     """Seed for Python, NumPy and torch (model initialisation, dropout)."""
 
     def validate(self) -> None:
-        _check_seed("rng.seed", self.seed)
+        check_seed("rng.seed", self.seed)
 
 
 @dataclass(kw_only=True)
@@ -460,8 +318,8 @@ class DistributedInitConfig(KnownFieldsOnly):
 
     def validate(self) -> None:
         if self.distributed_backend is not None:
-            _check_choice("dist.distributed_backend", self.distributed_backend, DIST_BACKENDS)
-        _check_positive("dist.distributed_timeout_minutes", self.distributed_timeout_minutes, optional=False)
+            check_choice("dist.distributed_backend", self.distributed_backend, DIST_BACKENDS)
+        check_positive("dist.distributed_timeout_minutes", self.distributed_timeout_minutes, optional=False)
 
 
 @dataclass(kw_only=True)
@@ -534,7 +392,7 @@ class ConfigContainer(KnownFieldsOnly):
     def _validate_precision(self) -> None:
         if self.mixed_precision is None:
             return
-        _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION_RECIPES)
+        check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION_RECIPES)
         conflict = (self.mixed_precision == "bf16_mixed" and self.optimizer.fp16) or (
             self.mixed_precision == "fp16_mixed" and self.optimizer.bf16
         )
@@ -563,17 +421,6 @@ class ConfigContainer(KnownFieldsOnly):
 
     def to_dict(self) -> dict[str, Any]:
         """A plain, YAML-serialisable view of the whole config."""
-        return {f.name: _to_plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {f.name: to_plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 
-def _to_plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        plain = {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-        return {"_target_": f"{type(value).__module__}.{type(value).__qualname__}", **plain}
-    if isinstance(value, (list, tuple)):
-        return [_to_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _to_plain(v) for k, v in value.items()}
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return repr(value)

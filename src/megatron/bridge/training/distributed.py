@@ -63,14 +63,3 @@ def teardown(context: DistributedContext | None) -> None:
     """Destroy the process group if `initialize` created it."""
     if context is not None and context.owns_process_group and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def is_rank_zero() -> bool:
-    """True on rank 0, and in a process with no group."""
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def print_rank_0(message: str) -> None:
-    """Print on rank 0 only, flushing so logs interleave sensibly under torchrun."""
-    if is_rank_zero():
-        print(message, flush=True)

@@ -28,7 +28,7 @@ def finetune(
         ValueError: naming `checkpoint.pretrained_checkpoint` when none of these brings weights, before
             any work starts.
     """
-    from megatron.bridge.training import checkpoint_io
+    from megatron.bridge.checkpoint import io as checkpoint_io
     from megatron.bridge.training.pretrain import pretrain
 
     ckpt = config.checkpoint
@@ -40,7 +40,7 @@ def finetune(
 
 
 def _check_pretrained_checkpoint(pretrained: str | None, load: str | None) -> None:
-    from megatron.bridge.training import checkpoint_io
+    from megatron.bridge.checkpoint import io as checkpoint_io
 
     if not pretrained:
         where = f"checkpoint.load={load!r} holds no checkpoint" if load else "checkpoint.load is None"

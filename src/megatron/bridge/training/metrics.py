@@ -21,10 +21,10 @@ from datetime import datetime
 import torch
 
 from megatron.bridge.training.callbacks import CallbackManager
-from megatron.bridge.training.distributed import print_rank_0
 from megatron.bridge.training.mixed_precision import MixedPrecision
 from megatron.bridge.training.state import GlobalState
 from megatron.bridge.training.step_ledger import StepOutcome
+from megatron.bridge.utils.logging import print_rank_0
 
 # Dense bf16 peak rates per device, in TFLOP/s, for MFU; the first key found in the device name wins.
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}

@@ -10,6 +10,7 @@ from typing import Any
 from megatron.bridge.training.callbacks import Callback, CallbackManager, normalize_callbacks
 from megatron.bridge.training.config import ConfigContainer
 from megatron.bridge.training.state import GlobalState
+from megatron.bridge.utils.logging import print_rank_0
 
 
 def pretrain(
@@ -48,7 +49,7 @@ def pretrain(
                 received = signals.received_on_any_rank()
                 if received:
                     skipped = "validation and test passes" if mode == "eval" else "test pass"
-                    distributed.print_rank_0(f"> {received}: skipping the post-training {skipped}")
+                    print_rank_0(f"> {received}: skipping the post-training {skipped}")
                     break
                 evaluate(run, mode)
     finally:

@@ -12,7 +12,7 @@ import torch
 from megatron.bridge.data.loaders import DataIterators, build_data_iterators
 from megatron.bridge.training.callbacks import CallbackContext, CallbackManager, should_fire
 from megatron.bridge.training.checkpointing import CheckpointManager
-from megatron.bridge.training.distributed import DistributedContext, print_rank_0
+from megatron.bridge.training.distributed import DistributedContext
 from megatron.bridge.training.forward_backward import ForwardStep
 from megatron.bridge.training.metrics import MetricsLogger, model_flops_per_token
 from megatron.bridge.training.mixed_precision import MixedPrecision
@@ -20,6 +20,7 @@ from megatron.bridge.training.optim import OptimizerParamScheduler, setup_optimi
 from megatron.bridge.training.parallelize import parallelize, uses_fsdp
 from megatron.bridge.training.state import GlobalState
 from megatron.bridge.training.step_ledger import StepLedger
+from megatron.bridge.utils.logging import print_rank_0
 
 
 @dataclass

@@ -1,54 +1,21 @@
 """Run-wide state: the training counters, named timers and the loggers.
 
-`GlobalState` is what callbacks see as `context.state`.
+`GlobalState` is what callbacks see as `context.state`. `TrainState` (the counters) lives with the
+checkpoint format, which records it, and is re-exported here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from megatron.bridge.checkpoint.train_state import TrainState
+
 if TYPE_CHECKING:
     from megatron.bridge.training.config import ConfigContainer
-
-
-@dataclass
-class TrainState:
-    """Counters that describe how far training has gone; saved in every checkpoint."""
-
-    step: int = 0
-    """Optimizer steps completed."""
-    consumed_train_samples: int = 0
-    """Training samples consumed (step x global batch size)."""
-    skipped_train_samples: int = 0
-    """Samples of steps whose update was skipped (non-finite gradients)."""
-    consumed_valid_samples: int = 0
-    """Validation samples consumed so far (the validation stream continues across passes)."""
-    floating_point_operations_so_far: float = 0
-    """Model FLOPs of all training steps so far."""
-    do_train: bool = False
-    """Whether this run trains."""
-    do_valid: bool = False
-    """Whether this run validates."""
-    do_test: bool = False
-    """Whether this run tests."""
-
-    def state_dict(self) -> dict[str, Any]:
-        """The counters as plain Python values."""
-        return dataclasses.asdict(self)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore counters saved by `state_dict`; unknown keys raise `KeyError`."""
-        names = {f.name for f in dataclasses.fields(self)}
-        unknown = set(state_dict) - names
-        if unknown:
-            raise KeyError(f"unknown TrainState keys: {sorted(unknown)}")
-        for key, value in state_dict.items():
-            setattr(self, key, type(getattr(self, key))(value))
 
 
 class Timer:

@@ -28,9 +28,9 @@ import math
 
 import torch
 
+from megatron.bridge.checkpoint.train_state import TrainState
 from megatron.bridge.training.callbacks import untimed
 from megatron.bridge.training.optim import OptimizerParamScheduler
-from megatron.bridge.training.state import TrainState
 
 
 class StepOutcome:

@@ -10,7 +10,6 @@ from typing import Any
 import torch
 
 from megatron.bridge.training.callbacks import CallbackContext, should_fire
-from megatron.bridge.training.distributed import print_rank_0
 from megatron.bridge.training.eval import evaluate
 from megatron.bridge.training.exit_conditions import ExitConditions, StepDecision
 from megatron.bridge.training.forward_backward import run_microbatches
@@ -18,6 +17,7 @@ from megatron.bridge.training.metrics import StepResult
 from megatron.bridge.training.optim import get_grad_norm
 from megatron.bridge.training.setup import SetupOutput
 from megatron.bridge.training.step_ledger import StepOutcome
+from megatron.bridge.utils.logging import print_rank_0
 
 
 def train(run: SetupOutput) -> bool:

@@ -59,3 +59,17 @@ class KnownFieldsOnly:
         if not name.startswith("_") and name not in _assignable(cls):
             raise unknown_field_error(cls._section, name, known_fields(cls))
         super().__setattr__(name, value)
+
+
+def to_plain(value: Any) -> Any:
+    """A config (or any value inside one) as plain YAML-ready data; dataclasses carry a `_target_` key."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        plain = {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {"_target_": f"{type(value).__module__}.{type(value).__qualname__}", **plain}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): to_plain(v) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)

@@ -22,6 +22,8 @@ import yaml
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from megatron.bridge import models
+from megatron.bridge.checkpoint import io
+from megatron.bridge.checkpoint.train_state import TrainState
 from megatron.bridge.models.conversion.errors import ConversionError
 from megatron.bridge.models.conversion.hf_config import (
     config_dtype,
@@ -47,10 +49,7 @@ from megatron.bridge.models.conversion.param_mapping import (
 )
 from megatron.bridge.models.conversion.safetensors_io import TensorSpec, write_safetensors_shards
 from megatron.bridge.models.gpt_provider import GPTModelProvider
-from megatron.bridge.training import checkpoint_io as io
-from megatron.bridge.training.checkpointing import FORMAT_VERSION
-from megatron.bridge.training.config import ConfigContainer, GPTDatasetConfig, OptimizerConfig, TrainingConfig
-from megatron.bridge.training.state import TrainState
+from megatron.bridge.utils.config_fields import to_plain
 from megatron.bridge.utils.safe_yaml import load_yaml_file
 
 MODEL_PREFIX = "model."
@@ -72,11 +71,15 @@ def _single_process() -> Iterator[None]:
         yield
 
 
-def _run_config_dict(provider: GPTModelProvider) -> dict[str, Any]:
-    # A complete, valid ConfigContainer with defaults around the imported model, in training's format.
-    container = ConfigContainer(model=provider, train=TrainingConfig(), optimizer=OptimizerConfig(),
-                                dataset=GPTDatasetConfig(seq_length=provider.seq_length))
-    return container.to_dict()
+def _run_config_dict(provider: GPTModelProvider, tokenizer_folder: Path | None) -> dict[str, Any]:
+    # The sections that describe the imported model, consistent with each other, so that the file loads
+    # back as `--config-file` on top of any recipe: the architecture, its sequence length, and the
+    # tokenizer kept beside the weights (or a NullTokenizer of the model's vocabulary when there is none).
+    if tokenizer_folder is not None:
+        tokenizer = {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": str(tokenizer_folder)}
+    else:
+        tokenizer = {"tokenizer_type": "NullTokenizer", "vocab_size": provider.vocab_size}
+    return {"model": to_plain(provider), "dataset": {"seq_length": provider.seq_length}, "tokenizer": tokenizer}
 
 
 def import_weights(weights: HFWeights, provider: GPTModelProvider, megatron_path: str | Path, *,
@@ -98,8 +101,10 @@ def import_weights(weights: HFWeights, provider: GPTModelProvider, megatron_path
         io.save_tensors(tensors, staging)
         del tensors
         io.write_json(staging / io.COMMON_FILE,
-                      {"format_version": FORMAT_VERSION, "train_state": TrainState().state_dict()})
-        run_config = yaml.safe_dump(_run_config_dict(provider), sort_keys=False)
+                      {"format_version": io.FORMAT_VERSION, "train_state": TrainState().state_dict()})
+        has_tokenizer = any(path.name == "tokenizer.json" for path in hf_files)
+        final_hf = io.iteration_dir(Path(megatron_path).absolute(), 0) / HF_SUBDIR
+        run_config = yaml.safe_dump(_run_config_dict(provider, final_hf if has_tokenizer else None), sort_keys=False)
         io.write_file_durably(staging / io.CONFIG_FILE, run_config.encode())
         (staging / HF_SUBDIR).mkdir()
         write_json_file(staging / HF_SUBDIR / CONFIG_FILE, hf_config)
@@ -222,9 +227,9 @@ def export_weights(megatron_path: str | Path, hf_path: str | Path, *, iteration:
     """Write the model tensors of a checkpoint as the Hugging Face folder `hf_path` (see AutoBridge.export_ckpt)."""
     directory = _iteration_directory(Path(megatron_path), iteration)
     common = io.read_json(directory / io.COMMON_FILE)
-    if not isinstance(common, dict) or common.get("format_version") != FORMAT_VERSION:
+    if not isinstance(common, dict) or common.get("format_version") != io.FORMAT_VERSION:
         raise ConversionError(f"{directory / io.COMMON_FILE}: unknown checkpoint format (expected format_version "
-                         f"{FORMAT_VERSION})")
+                         f"{io.FORMAT_VERSION})")
     stored = _stored_model_tensors(directory)
     config, extra_files, config_source = _export_config(directory, source, dtype, stored)
     provider = provider_from_hf_config(config, str(config_source))

@@ -40,12 +40,14 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
-from megatron.bridge.training import checkpoint_integrity as integrity
-from megatron.bridge.training import checkpoint_schema as schema
-from megatron.bridge.training.checkpoint_integrity import CheckpointError as CheckpointError
+from megatron.bridge.checkpoint import integrity, schema
+from megatron.bridge.checkpoint.integrity import CheckpointError as CheckpointError
 from megatron.bridge.utils.errors import UserError
 from megatron.bridge.utils.paths import resolve_inside
 
+FORMAT_VERSION = 1
+"""The layout's version. `manifest.json` is an addition readers of version 1 ignore, so it kept the
+number: a checkpoint without one (written before checksums) is loaded unverified, with a warning."""
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 COMMON_FILE = "common.json"
 CONFIG_FILE = "run_config.yaml"

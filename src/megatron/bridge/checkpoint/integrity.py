@@ -18,7 +18,7 @@ from pathlib import Path
 
 import xxhash
 
-from megatron.bridge.training import checkpoint_schema as schema
+from megatron.bridge.checkpoint import schema
 from megatron.bridge.utils.errors import UserError
 from megatron.bridge.utils.paths import resolve_inside
 

@@ -22,7 +22,7 @@ import shutil
 import socket
 from pathlib import Path
 
-from megatron.bridge.training.checkpoint_integrity import CheckpointError
+from megatron.bridge.checkpoint.integrity import CheckpointError
 
 LOCK_FILE = ".lock"
 _HOLDER_LIMIT = 4096
