@@ -1,13 +1,13 @@
-"""Rank-aware printing for code that must not import the training package (the data package, say)."""
+"""Rank-aware printing, for every layer of the package."""
 
 from __future__ import annotations
 
-import torch.distributed as dist
+from megatron.bridge.utils.parallel import current_layout
 
 
 def is_rank_zero() -> bool:
     """True on global rank 0, and in a process without a process group."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return current_layout().is_rank_zero
 
 
 def print_rank_0(message: str) -> None:
