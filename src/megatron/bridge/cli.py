@@ -157,13 +157,12 @@ def load_forward_step(spec: str) -> Callable[..., Any]:
 
 def check_config(config: ConfigContainer) -> None:
     """Validate a copy of `config` exactly as `pretrain` will (tokenizer size resolved first)."""
-    from megatron.bridge.training.distributed import launched_world_size
-    from megatron.bridge.training.pretrain import _resolve_vocab_size
+    from megatron.bridge.training.pretrain import _resolve_vocab_size, planned_data_parallel_size
 
     # A copy: pretrain resolves the vocabulary itself, and the config should reach it as the user wrote it.
     trial = copy.deepcopy(config)
     _resolve_vocab_size(trial)
-    trial.validate(data_parallel_size=launched_world_size())
+    trial.validate(data_parallel_size=planned_data_parallel_size(trial))
 
 
 def _is_config(value: Any) -> bool:

@@ -36,6 +36,7 @@ import numpy as np
 import torch.distributed as dist
 
 from megatron.bridge.data.indexed_dataset import DatasetError
+from megatron.bridge.utils.parallel import current_layout
 
 CACHE_FORMAT_VERSION = 1
 _CHECK_CHUNK = 1 << 22  # elements read at a time when checking values
@@ -237,11 +238,12 @@ def rank_zero_first() -> Iterator[None]:
     Outside a multi-process group it just runs the block. Rank 0 reaches the barrier even when the
     block raises, so the other ranks never hang: they run the block themselves and raise the same error.
     """
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if distributed and dist.get_rank() != 0:
+    layout = current_layout()
+    distributed = layout.world_size > 1
+    if distributed and not layout.is_rank_zero:
         dist.barrier()
     try:
         yield
     finally:
-        if distributed and dist.get_rank() == 0:
+        if distributed and layout.is_rank_zero:
             dist.barrier()

@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from megatron.bridge.training.callbacks import Callback, CallbackContext, untimed
 from megatron.bridge.training.metrics import model_flops_per_token, peak_tflops
+from megatron.bridge.utils.parallel import current_layout
 
 
 def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    return current_layout().rank
 
 
 class EarlyStopping(Callback):
@@ -104,7 +104,7 @@ class ThroughputMonitor(Callback):
                 torch.cuda.synchronize(self._device)
         cfg = context.state.cfg
         elapsed = time.perf_counter() - self._window_start
-        world = dist.get_world_size() if dist.is_initialized() else 1
+        world = current_layout().world_size
         tokens_per_s = self._steps * cfg.train.global_batch_size * cfg.model.seq_length / elapsed / world
         tflops = tokens_per_s * self._flops_per_token / 1e12
         stats = {"tokens_per_s_per_device": tokens_per_s, "tflops_per_device": tflops,

@@ -48,6 +48,7 @@ from megatron.bridge.training.mixed_precision import MixedPrecision
 from megatron.bridge.training.optim import OptimizerParamScheduler
 from megatron.bridge.training.state import GlobalState
 from megatron.bridge.utils.logging import print_rank_0
+from megatron.bridge.utils.parallel import current_layout
 
 _MODEL, _OPTIM = "model.", "optimizer."
 
@@ -64,15 +65,15 @@ class CheckpointManager:
                  scheduler: OptimizerParamScheduler, precision: MixedPrecision) -> None:
         self.config, self.state, self.callbacks = config, state, callbacks
         self.model, self.optimizer, self.scheduler, self.precision = model, optimizer, scheduler, precision
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        layout = current_layout()
+        self.rank, self.world_size = layout.rank, layout.world_size
         self._last_saved_step: int | None = None
         self._pending: tuple[int, float, Future] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._lock: SaveFolderLock | None = None
         # Checkpoint I/O gets its own gloo group: it may run in a background thread beside training's collectives.
         uses_checkpoints = config.save or config.load or config.pretrained_checkpoint
-        self._group = dist.new_group(backend="gloo") if (uses_checkpoints and dist.is_initialized()) else None
+        self._group = dist.new_group(backend="gloo") if (uses_checkpoints and self.world_size > 1) else None
         self.needed_bytes = estimate_checkpoint_bytes(model[0], optimizer, save_optim=config.save_optim) if (
             config.save) else 0
         if config.save:

@@ -1,42 +1,25 @@
-"""The process group: created when `pretrain` starts, destroyed only if `pretrain` created it.
+"""The process group and the parallel layout: made when `pretrain` starts, undone when it ends.
 
-Outside `torchrun` the group has world size 1, so `torch.distributed.get_rank()` works inside
-callbacks either way.
+`initialize` makes sure a process group exists (an in-memory one of world size 1 outside `torchrun`,
+so `torch.distributed.get_rank()` works inside callbacks either way), picks this rank's device and
+builds the `ParallelLayout` (`megatron.bridge.utils.parallel`) every other component asks for its
+ranks, groups and mesh. `teardown` destroys the group only if `initialize` created it.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from megatron.bridge.training.config import DistributedInitConfig
+from megatron.bridge.utils.parallel import ParallelLayout, build_layout, set_current_layout
 
 
-@dataclass(frozen=True)
-class DistributedContext:
-    """Where this process sits: its rank, the world size and its device."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    owns_process_group: bool
-    """True when `pretrain` created the group (and so must destroy it)."""
-
-
-def launched_world_size() -> int:
-    """The world size torchrun announces (1 outside torchrun), known before any group exists."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def initialize(config: DistributedInitConfig) -> DistributedContext:
-    """Make sure a process group exists and pick this rank's device."""
+def initialize(config: DistributedInitConfig, *, tensor_parallel_size: int = 1) -> ParallelLayout:
+    """Make sure a process group exists, pick this rank's device, and register the run's layout."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
@@ -53,13 +36,13 @@ def initialize(config: DistributedInitConfig) -> DistributedContext:
             # A single process needs no rendezvous: an in-memory store avoids claiming a port.
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         owns = True
-    return DistributedContext(
-        rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device,
-        owns_process_group=owns,
-    )
+    layout = build_layout(device=device, tensor_parallel_size=tensor_parallel_size, owns_process_group=owns)
+    set_current_layout(layout)
+    return layout
 
 
-def teardown(context: DistributedContext | None) -> None:
-    """Destroy the process group if `initialize` created it."""
-    if context is not None and context.owns_process_group and dist.is_initialized():
+def teardown(layout: ParallelLayout | None) -> None:
+    """Forget the run's layout and destroy the process group if `initialize` created it."""
+    set_current_layout(None)
+    if layout is not None and layout.owns_process_group and dist.is_initialized():
         dist.destroy_process_group()

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from megatron.bridge.training.config import TrainingConfig
 from megatron.bridge.training.state import RunRequests
+from megatron.bridge.utils.parallel import current_layout
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -101,7 +102,7 @@ class SignalCatcher:
         A collective when `enabled` in a world of several ranks: every rank must call it at the same point.
         """
         local = self.received
-        if self.enabled and dist.is_initialized() and dist.get_world_size() > 1:
+        if self.enabled and current_layout().world_size > 1:
             if self._group is None:
                 self._group = dist.new_group(backend="gloo", **({"timeout": self.timeout} if self.timeout else {}))
             flag = torch.tensor([float(local is not None)])
@@ -142,7 +143,7 @@ class ExitConditions:
         differ in what could raise a flag (callbacks registered on rank 0 only, say), so they agree
         once, here, on whether to combine at all.
         """
-        if not (dist.is_initialized() and dist.get_world_size() > 1):
+        if current_layout().world_size == 1:
             return None
         local = self.requests_possible or self.config.exit_duration_in_mins is not None or handle_signals
         group = dist.new_group(backend="gloo", **({"timeout": self.timeout} if self.timeout else {}))
@@ -192,4 +193,4 @@ class ExitConditions:
 
 
 def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    return current_layout().rank

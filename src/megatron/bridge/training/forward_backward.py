@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from megatron.bridge.training.parallelize import set_grad_sync
 from megatron.bridge.training.state import GlobalState
+from megatron.bridge.utils.parallel import current_layout
 
 ForwardStep = Callable[[GlobalState, Iterator[Any], torch.nn.Module], tuple[torch.Tensor, Callable]]
 _STATE_NAMES = ("state", "global_state")
@@ -74,11 +75,12 @@ class LossReport:
     num_tokens: torch.Tensor
 
     def all_reduce(self) -> None:
-        """Sum everything over all ranks with one collective (a no-op in a world of one)."""
-        if not (dist.is_initialized() and dist.get_world_size() > 1):
+        """Sum everything over the data-parallel replicas with one collective (a no-op with one replica)."""
+        layout = current_layout()
+        if layout.data_parallel_size == 1:
             return
         flat = torch.cat([self.num_tokens.reshape(1), *self.sums.values()])
-        dist.all_reduce(flat)
+        dist.all_reduce(flat, group=layout.data_parallel_group)
         self.num_tokens = flat[0]
         self.sums = {name: flat[1 + 2 * i: 3 + 2 * i] for i, name in enumerate(self.sums)}
 

@@ -17,7 +17,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compr
 from torch.nn.parallel import DistributedDataParallel
 
 from megatron.bridge.training.config import ConfigContainer
-from megatron.bridge.training.distributed import DistributedContext
+from megatron.bridge.utils.parallel import ParallelLayout
 
 
 def uses_fsdp(cfg: ConfigContainer) -> bool:
@@ -25,21 +25,22 @@ def uses_fsdp(cfg: ConfigContainer) -> bool:
     return cfg.ddp.use_distributed_optimizer or cfg.optimizer.use_distributed_optimizer
 
 
-def parallelize(model: torch.nn.Module, cfg: ConfigContainer, dist_ctx: DistributedContext) -> torch.nn.Module:
+def parallelize(model: torch.nn.Module, cfg: ConfigContainer, layout: ParallelLayout) -> torch.nn.Module:
     """Compile each block when asked, then wrap `model` for data-parallel training."""
-    if should_compile(cfg, dist_ctx.device):
+    if should_compile(cfg, layout.device):
         # Per block rather than the whole model: one small graph, reused by every layer; and the loss,
         # whose eager fp32 logits cost a step as much memory traffic as a few blocks.
         for block in model.layers:
             block.compile()
         model.compile_loss = True
-    if dist_ctx.world_size == 1:
+    if layout.data_parallel_size == 1:
         return model
     if uses_fsdp(cfg):
-        return _apply_fsdp(model, cfg)
-    device_ids = [dist_ctx.device.index] if dist_ctx.device.type == "cuda" else None
-    wrapped = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
-    if cfg.compute_dtype == "bf16" and not cfg.ddp.grad_reduce_in_fp32 and dist_ctx.device.type == "cuda":
+        return _apply_fsdp(model, cfg, layout)
+    device_ids = [layout.device.index] if layout.device.type == "cuda" else None
+    wrapped = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False,
+                                      process_group=layout.data_parallel_group)
+    if cfg.compute_dtype == "bf16" and not cfg.ddp.grad_reduce_in_fp32 and layout.device.type == "cuda":
         # Megatron reduces gradients in the compute dtype unless told otherwise: half the traffic.
         # (The hook needs NCCL; gloo on the CPU reduces the fp32 gradients as they are.)
         wrapped.register_comm_hook(state=None, hook=bf16_compress_hook)
@@ -51,14 +52,14 @@ def should_compile(cfg: ConfigContainer, device: torch.device) -> bool:
     return cfg.train.compile if cfg.train.compile is not None else device.type == "cuda"
 
 
-def _apply_fsdp(model: torch.nn.Module, cfg: ConfigContainer) -> torch.nn.Module:
+def _apply_fsdp(model: torch.nn.Module, cfg: ConfigContainer, layout: ParallelLayout) -> torch.nn.Module:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     reduce_dtype = torch.bfloat16 if cfg.compute_dtype == "bf16" and not cfg.ddp.grad_reduce_in_fp32 else None
     policy = MixedPrecisionPolicy(reduce_dtype=reduce_dtype)
     for block in model.layers:
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+        fully_shard(block, mesh=layout.data_parallel_mesh, mp_policy=policy)
+    fully_shard(model, mesh=layout.data_parallel_mesh, mp_policy=policy)
     return model
 
 

@@ -11,6 +11,7 @@ from megatron.bridge.training.callbacks import Callback, CallbackManager, normal
 from megatron.bridge.training.config import ConfigContainer
 from megatron.bridge.training.state import GlobalState
 from megatron.bridge.utils.logging import print_rank_0
+from megatron.bridge.utils.parallel import data_parallel_size, launched_world_size
 
 
 def pretrain(
@@ -36,12 +37,12 @@ def pretrain(
     manager = normalize_callbacks(callbacks)
     forward_step = adapt_forward_step(forward_step_func)
     _resolve_vocab_size(config)
-    config.validate(data_parallel_size=distributed.launched_world_size())
-    dist_ctx = distributed.initialize(config.dist)
+    config.validate(data_parallel_size=planned_data_parallel_size(config))
+    layout = distributed.initialize(config.dist, tensor_parallel_size=config.model.tensor_model_parallel_size)
     state = GlobalState(config)
     run = None
     try:
-        run = setup(state, forward_step, manager, dist_ctx)
+        run = setup(state, forward_step, manager, layout)
         timeout = datetime.timedelta(minutes=config.dist.distributed_timeout_minutes)
         with SignalCatcher(config.train.exit_signal_handler, timeout=timeout) as signals:
             completed = config.validation.skip_train or train(run)
@@ -60,7 +61,7 @@ def pretrain(
         run = None
         gc.collect()
         state.close_loggers()
-        distributed.teardown(dist_ctx)
+        distributed.teardown(layout)
 
 
 def _resolve_vocab_size(config: ConfigContainer) -> None:
@@ -74,3 +75,8 @@ def _resolve_vocab_size(config: ConfigContainer) -> None:
     # The recipes leave model.vocab_size unset so that the model follows the tokenizer.
     if config.model.vocab_size is None:
         config.model.vocab_size = config.tokenizer.vocab_size
+
+
+def planned_data_parallel_size(config: ConfigContainer) -> int:
+    """The data-parallel size the launcher's processes will make, known before any process group exists."""
+    return data_parallel_size(launched_world_size(), config.model.tensor_model_parallel_size)

@@ -12,7 +12,6 @@ import torch
 from megatron.bridge.data.loaders import DataIterators, build_data_iterators
 from megatron.bridge.training.callbacks import CallbackContext, CallbackManager, should_fire
 from megatron.bridge.training.checkpointing import CheckpointManager
-from megatron.bridge.training.distributed import DistributedContext
 from megatron.bridge.training.forward_backward import ForwardStep
 from megatron.bridge.training.metrics import MetricsLogger, model_flops_per_token
 from megatron.bridge.training.mixed_precision import MixedPrecision
@@ -21,6 +20,7 @@ from megatron.bridge.training.parallelize import parallelize, uses_fsdp
 from megatron.bridge.training.state import GlobalState
 from megatron.bridge.training.step_ledger import StepLedger
 from megatron.bridge.utils.logging import print_rank_0
+from megatron.bridge.utils.parallel import ParallelLayout
 
 
 @dataclass
@@ -38,7 +38,7 @@ class SetupOutput:
     metrics: MetricsLogger
     precision: MixedPrecision
     ledger: StepLedger
-    dist: DistributedContext
+    layout: ParallelLayout
     num_microbatches: int
 
 
@@ -50,21 +50,21 @@ def set_seed(seed: int) -> None:
 
 
 def setup(state: GlobalState, forward_step: ForwardStep, callbacks: CallbackManager | None,
-          dist_ctx: DistributedContext) -> SetupOutput:
+          layout: ParallelLayout) -> SetupOutput:
     """Seed, build the model and optimizer, load any checkpoint, then build the data iterators."""
     cfg = state.cfg
     set_seed(cfg.rng.seed)
-    raw_model = cfg.model.provide().to(dist_ctx.device)
+    raw_model = cfg.model.provide().to(layout.device)
     flops = model_flops_per_token(
         raw_model, num_layers=cfg.model.num_layers, seq_length=cfg.model.seq_length,
         attention_width=cfg.model.num_attention_heads * cfg.model.resolved_kv_channels,
     )
-    description = _describe(cfg, raw_model, dist_ctx)
-    model = [parallelize(raw_model, cfg, dist_ctx)]
+    description = _describe(cfg, raw_model, layout)
+    model = [parallelize(raw_model, cfg, layout)]
     # With skip_train there may be no train_iters: the schedule is never stepped but must still be valid.
     schedule_span = cfg.train.train_iters or max(cfg.scheduler.lr_warmup_iters, 1)
     optimizer, scheduler = setup_optimizer(cfg.optimizer, cfg.scheduler, model, train_iters=schedule_span)
-    precision = MixedPrecision(cfg.compute_dtype, dist_ctx.device, initial_loss_scale=cfg.optimizer.initial_loss_scale,
+    precision = MixedPrecision(cfg.compute_dtype, layout.device, initial_loss_scale=cfg.optimizer.initial_loss_scale,
                                min_loss_scale=cfg.optimizer.min_loss_scale,
                                loss_scale_window=cfg.optimizer.loss_scale_window)
     # Claims checkpoint.save (created, locked for this run, room checked) before anything is loaded.
@@ -77,19 +77,19 @@ def setup(state: GlobalState, forward_step: ForwardStep, callbacks: CallbackMana
             callbacks.fire("on_data_init_start", CallbackContext(
                 state=state, model=model, user_state=callbacks.user_state, optimizer=optimizer, scheduler=scheduler,
             ))
-        data = _build_data(state, dist_ctx)
+        data = _build_data(state, layout)
     except BaseException:
         checkpointer.close()  # gives the save folder back: the run ends here
         raise
 
-    num_microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dist_ctx.world_size)
-    metrics = MetricsLogger(state, flops_per_token=flops, world_size=dist_ctx.world_size, device=dist_ctx.device,
+    num_microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * layout.data_parallel_size)
+    metrics = MetricsLogger(state, flops_per_token=flops, world_size=layout.world_size, device=layout.device,
                             callbacks=callbacks, precision=precision)
     print_rank_0(f"{description}, {num_microbatches} micro-batches of {cfg.train.micro_batch_size} per rank")
     return SetupOutput(
         state=state, model=model, optimizer=optimizer, scheduler=scheduler, forward_step=forward_step,
         callbacks=callbacks, data=data, checkpointer=checkpointer, metrics=metrics,
-        precision=precision, ledger=_build_ledger(state, scheduler, optimizer, precision), dist=dist_ctx,
+        precision=precision, ledger=_build_ledger(state, scheduler, optimizer, precision), layout=layout,
         num_microbatches=num_microbatches,
     )
 
@@ -103,7 +103,7 @@ def _build_ledger(state: GlobalState, scheduler: OptimizerParamScheduler, optimi
                       raise_on_nan=state.cfg.ddp.check_for_nan_in_grad)
 
 
-def _build_data(state: GlobalState, dist_ctx: DistributedContext) -> DataIterators:
+def _build_data(state: GlobalState, layout: ParallelLayout) -> DataIterators:
     from megatron.bridge.data.tokenizer import build_tokenizer
 
     cfg, train_state = state.cfg, state.train_state
@@ -123,22 +123,22 @@ def _build_data(state: GlobalState, dist_ctx: DistributedContext) -> DataIterato
         cfg.dataset, vocab_size=cfg.tokenizer.vocab_size, micro_batch_size=cfg.train.micro_batch_size,
         global_batch_size=gbs, train_samples=train_samples, valid_samples=eval_passes * eval_iters * gbs,
         test_samples=eval_iters * gbs, consumed_train_samples=consumed,
-        consumed_valid_samples=train_state.consumed_valid_samples, dp_rank=dist_ctx.rank,
-        dp_size=dist_ctx.world_size, eod=eod,
+        consumed_valid_samples=train_state.consumed_valid_samples, dp_rank=layout.data_parallel_rank,
+        dp_size=layout.data_parallel_size, eod=eod,
     )
 
 
-def _describe(cfg: Any, model: torch.nn.Module, dist_ctx: DistributedContext) -> str:
+def _describe(cfg: Any, model: torch.nn.Module, layout: ParallelLayout) -> str:
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     return (
         f"> model: {params / 1e6:.2f}M parameters, {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
         f"vocab {cfg.model.padded_vocab_size}, seq {cfg.model.seq_length}\n"
-        f"> training on {dist_ctx.world_size} x {dist_ctx.device.type} ({_parallelism(cfg, dist_ctx)}), "
+        f"> training on {layout.world_size} x {layout.device.type} ({_parallelism(cfg, layout)}), "
         f"precision {cfg.compute_dtype}, global batch {cfg.train.global_batch_size}"
     )
 
 
-def _parallelism(cfg: Any, dist_ctx: DistributedContext) -> str:
-    if dist_ctx.world_size == 1:
+def _parallelism(cfg: Any, layout: ParallelLayout) -> str:
+    if layout.data_parallel_size == 1:
         return "single process"
     return "FSDP2" if uses_fsdp(cfg) else "DDP"

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from megatron.bridge.checkpoint.train_state import TrainState
+from megatron.bridge.utils.parallel import current_layout
 
 if TYPE_CHECKING:
     from megatron.bridge.training.config import ConfigContainer
@@ -169,5 +170,4 @@ class GlobalState:
 
 
 def _rank() -> int:
-    dist = torch.distributed
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return current_layout().rank

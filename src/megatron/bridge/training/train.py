@@ -88,7 +88,7 @@ def train_step(run: SetupOutput) -> StepResult:
     report.all_reduce()
     run.precision.unscale_(optimizer)
     # DDP and FSDP average gradients over ranks; the loss must be averaged over tokens instead.
-    _divide_grads(run.model, report.num_tokens / run.dist.world_size)
+    _divide_grads(run.model, report.num_tokens / run.layout.data_parallel_size)
     # The norm is measured even without clipping: a non-finite update is skipped whatever clip_grad is.
     clip_grad = cfg.optimizer.clip_grad
     norm = get_grad_norm(run.model, clip_grad=clip_grad)

@@ -69,6 +69,8 @@ class ParallelLayout:
 
 def data_parallel_size(world_size: int, tensor_parallel_size: int) -> int:
     """The number of replicas `world_size` processes make with `tensor_parallel_size` ranks per replica."""
+    if isinstance(tensor_parallel_size, bool) or not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
+        raise config_error("model.tensor_model_parallel_size", tensor_parallel_size, "a positive integer")
     if world_size % tensor_parallel_size != 0:
         raise config_error("model.tensor_model_parallel_size", tensor_parallel_size,
                            f"a divisor of the number of processes ({world_size})")
