@@ -44,7 +44,7 @@ from megatron.bridge.training.gpt_step import forward_step
 from megatron.bridge.training.pretrain import pretrain
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--mode", choices=("ddp", "fsdp"), default="ddp")
+parser.add_argument("--mode", choices=("ddp", "fsdp", "ddp-no-overlap"), default="ddp")
 parser.add_argument("--out", required=True)
 parser.add_argument("--save", default=None)
 parser.add_argument("--exit-interval", type=int, default=None)
@@ -74,6 +74,7 @@ cfg.logger.tensorboard_dir = None
 cfg.checkpoint.save = cfg.checkpoint.load = args.save
 cfg.checkpoint.save_interval = 5 if args.save else None
 cfg.ddp.use_distributed_optimizer = args.mode == "fsdp"
+cfg.ddp.overlap_grad_reduce = args.mode != "ddp-no-overlap"
 if args.bf16:
     cfg.mixed_precision = "bf16_mixed"
     cfg.optimizer.bf16 = True
@@ -88,6 +89,16 @@ if args.mode == "fsdp":
         return _reduce_scatter(*a, **k)
 
     dist.reduce_scatter_single = _counting_reduce_scatter
+if args.mode == "ddp-no-overlap":
+    from megatron.bridge.training import parallelize
+
+    _average = parallelize._average
+
+    def _counting_average(*a, **k):
+        REDUCTIONS[0] += 1
+        return _average(*a, **k)
+
+    parallelize._average = _counting_average
 
 
 def _counting_allreduce_hook(state, bucket):
@@ -300,7 +311,7 @@ def test_reference_run_is_a_world_of_one(reference):
     assert losses[-1] < losses[0], "the loss should fall"
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "ddp-no-overlap"])
 def test_two_ranks_match_one_rank(worker, reference, tmp_path, mode):
     records = run_worker(worker, tmp_path / "out", 2, mode, tmp_path / "ckpt")
     _assert_identical_across_ranks(records)

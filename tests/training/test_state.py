@@ -157,3 +157,33 @@ def test_global_state_tensorboard_logger(tmp_path):
     writer.add_scalar("x", 1.0, 1)
     state.close_loggers()
     assert any(p.name.startswith("events.out.tfevents") for p in tb_dir.iterdir())
+
+
+class WhatRuns:
+    """Records `do_train`, `do_valid`, `do_test` as the first event of the run sees them."""
+
+    def __init__(self):
+        from megatron.bridge.training.callbacks import CallbackManager
+
+        self.seen = None
+        self.manager = CallbackManager()
+        for event in ("on_train_start", "on_eval_start"):
+            self.manager.register(event, self.record)
+
+    def record(self, context):
+        state = context.state.train_state
+        self.seen = self.seen or (state.do_train, state.do_valid, state.do_test)
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    ({}, (True, True, True)),
+    ({"validation__skip_train": True}, (False, True, True)),
+    ({"validation__eval_iters": 0}, (True, False, False)),
+])
+def test_do_train_valid_test_are_set_from_the_config_at_start(overrides, expected):
+    from megatron.bridge.training.gpt_step import forward_step
+    from megatron.bridge.training.pretrain import pretrain
+
+    probe = WhatRuns()
+    pretrain(make_tiny_config(train__train_iters=1, **overrides), forward_step, callbacks=probe.manager)
+    assert probe.seen == expected

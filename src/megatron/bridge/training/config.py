@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +44,11 @@ OPTIMIZERS = ("adam", "sgd")
 MIXED_PRECISION_RECIPES = ("bf16_mixed", "fp16_mixed", "fp32")
 CKPT_FORMATS = ("torch_dist",)
 DIST_BACKENDS = ("nccl", "gloo")
+
+
+def capped_warmup_iters(warmup_iters: int, decay_iters: int) -> int:
+    """The warm-up the schedule uses: `warmup_iters`, capped at `decay_iters - 1` (Megatron Bridge's rule)."""
+    return max(0, min(warmup_iters, decay_iters - 1))
 
 
 @dataclass(kw_only=True)
@@ -134,12 +140,13 @@ class OptimizerConfig(KnownFieldsOnly):
     """fp16 only: the loss scale never backs off below this."""
     loss_scale_window: int = 2000
     """fp16 only: steps without overflow after which the loss scale doubles."""
-    use_distributed_optimizer: bool = False
-    """Shard optimizer state across data-parallel ranks (FSDP2)."""
+    use_distributed_optimizer: bool | None = None
+    """The same switch as `ddp.use_distributed_optimizer` (set either; None: follow the other, else False)."""
 
     def validate(self) -> None:
         check_choice("optimizer.optimizer", self.optimizer, OPTIMIZERS)
-        check_number("optimizer.lr", self.lr, "a finite positive number", ok=lambda v: v > 0)
+        # A zero rate is legal, as in Megatron: it is how one checks that weights load unchanged.
+        check_number("optimizer.lr", self.lr, "a finite number >= 0", ok=lambda v: v >= 0)
         check_number("optimizer.min_lr", self.min_lr, f"a finite number in [0, optimizer.lr={self.lr}]",
                       ok=lambda v: 0 <= v <= self.lr)
         check_number("optimizer.weight_decay", self.weight_decay, "a finite number >= 0", ok=lambda v: v >= 0)
@@ -294,15 +301,20 @@ class DistributedDataParallelConfig(KnownFieldsOnly):
 
     grad_reduce_in_fp32: bool = False
     """Reduce gradients in fp32 even when training in bf16/fp16."""
-    overlap_grad_reduce: bool = False
-    """Overlap the gradient all-reduce with the backward pass."""
+    overlap_grad_reduce: bool = True
+    """Overlap the gradient all-reduce with the backward pass (DDP's buckets reduce as gradients are ready).
+    False: reduce every gradient once the last micro-batch's backward pass has finished. FSDP2 always
+    overlaps its reduce-scatter, so False needs `use_distributed_optimizer` off."""
     check_for_nan_in_grad: bool = False
     """Raise an error naming the step when the gradient norm is not finite (instead of skipping)."""
-    use_distributed_optimizer: bool = False
-    """Shard parameters, gradients and optimizer state across ranks (FSDP2)."""
+    use_distributed_optimizer: bool | None = None
+    """Shard parameters, gradients and optimizer state across ranks (FSDP2). One switch with
+    `optimizer.use_distributed_optimizer`: set either (None: follow the other, else False)."""
 
     def validate(self) -> None:
-        pass
+        for name in ("grad_reduce_in_fp32", "overlap_grad_reduce", "check_for_nan_in_grad"):
+            if not isinstance(getattr(self, name), bool):
+                raise config_error(f"ddp.{name}", getattr(self, name), "True or False")
 
 
 @dataclass(kw_only=True)
@@ -351,6 +363,7 @@ class ConfigContainer(KnownFieldsOnly):
         self.model.validate()
         self._validate_precision()
         self._validate_batch(data_parallel_size)
+        self._validate_sharding()
         if self.model.seq_length != self.dataset.seq_length:
             raise config_error(
                 "dataset.seq_length", self.dataset.seq_length,
@@ -370,10 +383,14 @@ class ConfigContainer(KnownFieldsOnly):
         # Everything the scheduler itself would refuse, checked here so that the message names config keys.
         scheduler = self.scheduler
         decay_iters = scheduler.lr_decay_iters or self.train.train_iters
-        if decay_iters is not None and scheduler.lr_warmup_iters > decay_iters:
-            raise config_error(
-                "scheduler.lr_warmup_iters", scheduler.lr_warmup_iters,
-                f"at most the decay span ({decay_iters} steps)",
+        trains = not self.validation.skip_train and decay_iters is not None
+        if trains and scheduler.lr_warmup_iters >= decay_iters:
+            # Megatron Bridge caps it for smoke runs rather than refusing (the schedule needs one decay step).
+            warnings.warn(
+                f"scheduler.lr_warmup_iters={scheduler.lr_warmup_iters} is not shorter than the decay span "
+                f"({decay_iters} steps): warming up over {capped_warmup_iters(scheduler.lr_warmup_iters, decay_iters)} "
+                "steps instead; lower scheduler.lr_warmup_iters (or raise train.train_iters) to silence this",
+                UserWarning, stacklevel=3,
             )
         if scheduler.weight_decay_incr_style != "constant":
             return
@@ -388,6 +405,26 @@ class ConfigContainer(KnownFieldsOnly):
             raise config_error("scheduler.start_weight_decay", start,
                                f"equal to optimizer.weight_decay={base} (the end while scheduler.end_weight_decay "
                                f"is None) {constant}")
+
+    def _validate_sharding(self) -> None:
+        ddp, optimizer = self.ddp.use_distributed_optimizer, self.optimizer.use_distributed_optimizer
+        for name, value in (("ddp.use_distributed_optimizer", ddp),
+                            ("optimizer.use_distributed_optimizer", optimizer)):
+            if value is not None and not isinstance(value, bool):
+                raise config_error(name, value, "True, False or None (None: follow the other spelling)")
+        if ddp is not None and optimizer is not None and ddp != optimizer:
+            raise config_error("optimizer.use_distributed_optimizer", optimizer,
+                               f"equal to ddp.use_distributed_optimizer={ddp} (one switch spelled twice; "
+                               "set one of them, or both alike)")
+        if self.uses_distributed_optimizer and not self.ddp.overlap_grad_reduce:
+            raise config_error("ddp.overlap_grad_reduce", False,
+                               "True with use_distributed_optimizer (FSDP2 reduce-scatters during the backward "
+                               "pass); or turn use_distributed_optimizer off")
+
+    @property
+    def uses_distributed_optimizer(self) -> bool:
+        """Whether parameters, gradients and optimizer state are sharded (FSDP2): either spelling of the switch."""
+        return bool(self.ddp.use_distributed_optimizer or self.optimizer.use_distributed_optimizer)
 
     def _validate_precision(self) -> None:
         if self.mixed_precision is None:

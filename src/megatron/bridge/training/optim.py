@@ -23,6 +23,7 @@ from megatron.bridge.training.config import (
     WSD_DECAY_STYLES,
     OptimizerConfig,
     SchedulerConfig,
+    capped_warmup_iters,
 )
 
 __all__ = ["OptimizerParamScheduler", "get_grad_norm", "get_grad_norm_and_clip", "setup_optimizer"]
@@ -248,7 +249,7 @@ def _build_scheduler(
         init_lr=scheduler_config.lr_warmup_init,
         max_lr=optimizer_config.lr,
         min_lr=optimizer_config.min_lr,
-        lr_warmup_steps=scheduler_config.lr_warmup_iters,
+        lr_warmup_steps=capped_warmup_iters(scheduler_config.lr_warmup_iters, decay_steps),
         lr_decay_steps=decay_steps,
         lr_decay_style=scheduler_config.lr_decay_style,
         start_wd=base_wd if start_wd is None else start_wd,

@@ -82,6 +82,7 @@ def setup(state: GlobalState, forward_step: ForwardStep, callbacks: CallbackMana
         checkpointer.close()  # gives the save folder back: the run ends here
         raise
 
+    _record_what_runs(state, data)
     num_microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * layout.data_parallel_size)
     metrics = MetricsLogger(state, flops_per_token=flops, world_size=layout.world_size, device=layout.device,
                             callbacks=callbacks, precision=precision)
@@ -92,6 +93,15 @@ def setup(state: GlobalState, forward_step: ForwardStep, callbacks: CallbackMana
         precision=precision, ledger=_build_ledger(state, scheduler, optimizer, precision), layout=layout,
         num_microbatches=num_microbatches,
     )
+
+
+def _record_what_runs(state: GlobalState, data: DataIterators) -> None:
+    # As Megatron Bridge: set from this run's config and data, after any checkpoint's values were loaded.
+    cfg, train_state = state.cfg, state.train_state
+    evaluates = cfg.validation.eval_iters > 0
+    train_state.do_train = not cfg.validation.skip_train and data.train is not None and bool(cfg.train.train_iters)
+    train_state.do_valid = evaluates and data.valid is not None
+    train_state.do_test = evaluates and data.test is not None
 
 
 def _build_ledger(state: GlobalState, scheduler: OptimizerParamScheduler, optimizer: torch.optim.Optimizer,

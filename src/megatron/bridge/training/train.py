@@ -15,6 +15,7 @@ from megatron.bridge.training.exit_conditions import ExitConditions, StepDecisio
 from megatron.bridge.training.forward_backward import run_microbatches
 from megatron.bridge.training.metrics import StepResult
 from megatron.bridge.training.optim import get_grad_norm
+from megatron.bridge.training.parallelize import reduce_gradients
 from megatron.bridge.training.setup import SetupOutput
 from megatron.bridge.training.step_ledger import StepOutcome
 from megatron.bridge.utils.logging import print_rank_0
@@ -85,6 +86,7 @@ def train_step(run: SetupOutput) -> StepResult:
         run.forward_step, run.state, run.data.train, run.model[0], num_microbatches=run.num_microbatches,
         autocast=run.precision.autocast, backward=run.precision.backward_fn(),
     )
+    reduce_gradients(run.model[0], run.layout)
     report.all_reduce()
     run.precision.unscale_(optimizer)
     # DDP and FSDP average gradients over ranks; the loss must be averaged over tokens instead.
