@@ -34,7 +34,8 @@ import torch
 from megatron.bridge.checkpoint import integrity as checkpoint_integrity
 from megatron.bridge.checkpoint.io import iteration_dir
 from megatron.bridge.recipes.qwen import qwen25_500m_pretrain_config
-from megatron.bridge.training import checkpointing
+from megatron.bridge.training import checkpoint_loading, checkpointing
+from megatron.bridge.training.checkpoint_loading import CheckpointReader
 from megatron.bridge.training.checkpointing import CheckpointManager, estimate_checkpoint_bytes
 from megatron.bridge.training.mixed_precision import MixedPrecision
 from megatron.bridge.training.optim import setup_optimizer
@@ -71,8 +72,8 @@ def build(layers: int, save: Path) -> tuple[CheckpointManager, int]:
     optimizer.step()  # materialises exp_avg and exp_avg_sq
     optimizer.zero_grad(set_to_none=True)
     precision = MixedPrecision("fp32", torch.device("cpu"))
-    manager = CheckpointManager(cfg.checkpoint, state=GlobalState(cfg), callbacks=None, model=[model],
-                                optimizer=optimizer, scheduler=scheduler, precision=precision)
+    manager = CheckpointManager(cfg.checkpoint, state=GlobalState(cfg), callbacks=None)
+    manager.attach(model=[model], optimizer=optimizer, scheduler=scheduler, precision=precision)
     return manager, sum(p.numel() for p in model.parameters())
 
 
@@ -85,7 +86,7 @@ def main() -> None:
 
     checkpoint_integrity.seal = timed("seal", checkpoint_integrity.seal)
     CheckpointManager._write = timed("save", CheckpointManager._write)
-    CheckpointManager._load = timed("load", CheckpointManager._load)
+    CheckpointReader.resume = timed("load", CheckpointReader.resume)
 
     work = Path(tempfile.mkdtemp(prefix="checkpoint_io_", dir=args.dir))
     try:
@@ -94,7 +95,7 @@ def main() -> None:
         free = shutil.disk_usage(work).free
         if free < 2 * needed:
             raise SystemExit(f"{work}: {free / 1e9:.1f} GB free, the bench needs {2 * needed / 1e9:.1f} GB")
-        checkpointing.print_rank_0 = lambda message: None  # keep the table readable
+        checkpointing.print_rank_0 = checkpoint_loading.print_rank_0 = lambda message: None  # keep the table readable
         runs: dict[str, list[tuple[float, float]]] = {"save": [], "load (page cache)": [], "load (from disk)": []}
         for step in range(1, args.repeats + 1):
             state = manager.state.train_state  # as training would have left it
@@ -121,13 +122,14 @@ def main() -> None:
 
 
 def load_seconds(manager: CheckpointManager, directory: Path, *, cold: bool, verify: bool) -> float:
-    """Seconds of one `manager.load()` of `directory`, from the disk when `cold`, verifying when `verify`."""
+    """Seconds of one `manager.resume()` from `directory`, from the disk when `cold`, verifying when `verify`."""
     if cold:
         evict(directory)
     # Without its manifest a checkpoint loads as one written before checksums: the plain, unverified read.
     checkpoint_integrity.read_manifest = READ_MANIFEST if verify else (lambda directory, step: None)
     try:
-        return measure(manager.load)["load"]
+        manager._resume_directory = False  # look for the checkpoint again: `load` moved
+        return measure(manager.resume)["load"]
     finally:
         checkpoint_integrity.read_manifest = READ_MANIFEST
 

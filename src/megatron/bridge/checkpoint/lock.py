@@ -1,10 +1,11 @@
 """One run per save folder, and a save folder that works, both known before the first step.
 
-`claim_save_folder` creates `checkpoint.save`, takes the folder's lock and checks that one more
-checkpoint fits. The lock is an OS lock (`fcntl.flock`) on `<save>/.lock`: the kernel releases it
-when its holder exits in any way, SIGKILL included, so the file a dead run leaves behind never
-blocks the next one. The file records the holder (host, pid, start time) for the message that
-refuses a second run; it is removed when the lock is released and is no part of any checkpoint.
+`claim_save_folder` creates `checkpoint.save` and takes the folder's lock; `check_room`, once the
+model and optimizer are built, checks that one more checkpoint fits. The lock is an OS lock
+(`fcntl.flock`) on `<save>/.lock`: the kernel releases it when its holder exits in any way, SIGKILL
+included, so the file a dead run leaves behind never blocks the next one. The file records the
+holder (host, pid, start time) for the message that refuses a second run; it is removed when the
+lock is released and is no part of any checkpoint.
 
 Where the filesystem cannot lock (`flock` unsupported), the file alone is the lock: a holder on
 this host whose pid is gone is stale and taken over; one on another host cannot be checked, and
@@ -168,12 +169,12 @@ def _is_dead_here(holder: dict | None) -> bool:
     return False
 
 
-def claim_save_folder(folder: Path, *, needed_bytes: int) -> SaveFolderLock:
-    """Create `folder`, take its lock (which also proves it writable) and check `needed_bytes` fit.
+def claim_save_folder(folder: Path) -> SaveFolderLock:
+    """Create `folder` and take its lock (which also proves it writable).
 
     Raises `CheckpointSaveError` naming `checkpoint.save`, the folder and the reason.
     """
-    prefix = f"checkpoint.save={str(folder)!r} cannot be used"
+    prefix = _unusable(folder)
     if folder.exists() and not folder.is_dir():
         raise CheckpointSaveError(f"{prefix}: it is a file, not a folder")
     try:
@@ -185,13 +186,20 @@ def claim_save_folder(folder: Path, *, needed_bytes: int) -> SaveFolderLock:
         lock.acquire()  # creates and writes a file in the folder: the write probe
     except OSError as err:
         raise CheckpointSaveError(f"{prefix}: cannot write into the folder ({err.strerror or err})") from err
+    return lock
+
+
+def check_room(folder: Path, needed_bytes: int) -> None:
+    """Raise `CheckpointSaveError` when `needed_bytes` (one checkpoint) do not fit into `folder`'s free space."""
     try:
         free = shutil.disk_usage(folder).free
     except OSError:
-        return lock  # the room cannot be known here: the first save will tell
+        return  # the room cannot be known here: the first save will tell
     if needed_bytes > free:
-        lock.release()
         raise CheckpointSaveError(
-            f"{prefix}: one checkpoint needs about {format_bytes(needed_bytes)} ({needed_bytes} bytes), but only "
-            f"{format_bytes(free)} ({free} bytes) are free there")
-    return lock
+            f"{_unusable(folder)}: one checkpoint needs about {format_bytes(needed_bytes)} ({needed_bytes} bytes), "
+            f"but only {format_bytes(free)} ({free} bytes) are free there")
+
+
+def _unusable(folder: Path) -> str:
+    return f"checkpoint.save={str(folder)!r} cannot be used"

@@ -25,6 +25,7 @@ from torch import nn
 from megatron.bridge.models.decoder import GPTModel
 from megatron.bridge.peft.layers import INIT_METHODS, AdaptedLinear, LowRankAdapter, dora_row_norms
 from megatron.bridge.peft.targets import ADAPTER_SUFFIX, TARGET_KINDS, Site, model_sites, select_sites
+from megatron.bridge.utils.config_fields import KnownFieldsOnly
 from megatron.bridge.utils.errors import ConfigError, UserError, config_error
 
 DROPOUT_POSITIONS = ("pre", "post")
@@ -39,10 +40,8 @@ def _check_names(name: str, value: Any) -> None:
         raise config_error(f"peft.{name}", value, "a list of module names or patterns, e.g. ['linear_qkv']")
 
 
-# TODO(lead): field guard (derive from the KnownFieldsOnly mixin, which reads `_section`, so that
-# `peft.dimm = 8` is refused).
 @dataclass
-class PEFT:
+class PEFT(KnownFieldsOnly):
     """Fields shared by `LoRA` and `DoRA` (upstream's names and meaning); subclasses set the defaults."""
 
     target_modules: list[str] = field(default_factory=lambda: list(TARGET_KINDS))
@@ -63,7 +62,7 @@ class PEFT:
     lora_B_init_method: str = "zero"
     """Initialisation of B (the default zero makes the adapted model start equal to the base)."""
 
-    _section: ClassVar[str] = "peft"
+    _section = "peft"
     layer_class: ClassVar[type[AdaptedLinear]]
     """The linear layer that replaces each targeted member."""
     has_magnitude: ClassVar[bool] = False

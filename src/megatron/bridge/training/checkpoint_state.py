@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.metadata import Metadata
 from megatron.bridge.checkpoint import integrity, io, schema
 from megatron.bridge.checkpoint.integrity import CheckpointError
 from megatron.bridge.checkpoint.train_state import TrainState
-from megatron.bridge.training.optim import OptimizerParamScheduler
+from megatron.bridge.training.optim import OptimizerParamScheduler, schedule_state_template
 
 PER_TENSOR_OVERHEAD = 2048
 """Bytes a checkpoint adds per tensor: `torch.save`'s framing in the `.distcp` file and its index entry."""
@@ -116,12 +116,13 @@ class CheckpointFiles:
                                           f"{info.relative_path!r} is not listed in {integrity.MANIFEST_FILE}")
         return index
 
-    def read_common(self, *, scheduler: OptimizerParamScheduler, scaler: Any, index: Metadata) -> dict[str, Any]:
+    def read_common(self, *, scheduler: OptimizerParamScheduler | None, scaler: Any, index: Metadata) -> dict[str, Any]:
         """`common.json`, checked: `train_state` as a `TrainState`, `scheduler` and `grad_scaler` as dicts.
 
         The optimizer state is all or nothing: a `scheduler` entry exactly when `index` holds
         optimizer tensors. The schedule is tried on a scratch copy of `scheduler`, so a bad one is
-        refused before the real scheduler is touched.
+        refused before the real scheduler is touched; with no `scheduler` (a load of weights only,
+        before the optimizer exists) its entries are checked for their types alone.
         """
         path = self.directory / io.COMMON_FILE
         scaler_schema = (schema.like(scaler.state_dict(), required=scaler.state_dict()) if scaler is not None
@@ -129,7 +130,8 @@ class CheckpointFiles:
         check = schema.record({
             "format_version": schema.integer(io.FORMAT_VERSION, io.FORMAT_VERSION),
             "train_state": _train_state_schema(),
-            "scheduler": schema.like(scheduler.state_dict(), required=["num_steps"]),
+            "scheduler": schema.like(scheduler.state_dict() if scheduler is not None else schedule_state_template(),
+                                     required=["num_steps"]),
             "grad_scaler": scaler_schema,
         }, optional={"scheduler", "grad_scaler"})
         common = schema.validate(check, self.read_json(io.COMMON_FILE), file=path, error=CheckpointError)
@@ -140,7 +142,7 @@ class CheckpointFiles:
             held = "holds optimizer state but" if has_optimizer else "holds no optimizer state but"
             raise CheckpointError(f"{path}: the checkpoint {held} common.json "
                                   f"{'has no' if has_optimizer else 'has a'} 'scheduler' entry: it is incomplete")
-        if "scheduler" in common:
+        if "scheduler" in common and scheduler is not None:
             _try_schedule(path, scheduler, common["scheduler"])
         return {**common, "train_state": train_state}
 

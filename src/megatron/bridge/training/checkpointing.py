@@ -12,45 +12,46 @@ JSON file against its schema before anything of the model, optimizer or run stat
 from __future__ import annotations
 
 import errno
-import random
 import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
     get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
 )
 
-from megatron.bridge.checkpoint import integrity, io
+from megatron.bridge.checkpoint import io
 from megatron.bridge.checkpoint.lock import (
     CheckpointSaveError,
     SaveFolderInUseError,
     SaveFolderLock,
+    check_room,
     claim_save_folder,
     format_bytes,
 )
 from megatron.bridge.training import checkpoint_state as saved
 from megatron.bridge.training.callbacks import CallbackContext, CallbackManager, should_fire
+from megatron.bridge.training.checkpoint_loading import (
+    CheckpointReader,
+    KeepEntry,
+    capture_rng,
+    flatten_optimizer_state,
+    keep_all,
+    model_entries,
+)
 from megatron.bridge.training.config import CheckpointConfig
 from megatron.bridge.training.mixed_precision import MixedPrecision
 from megatron.bridge.training.optim import OptimizerParamScheduler
 from megatron.bridge.training.state import GlobalState
 from megatron.bridge.utils.logging import print_rank_0
 from megatron.bridge.utils.parallel import current_layout
-
-_MODEL, _OPTIM = "model.", "optimizer."
 
 
 class CheckpointManager:
@@ -60,34 +61,54 @@ class CheckpointManager:
     `CheckpointSaveError` naming the reason); `close` gives the folder back.
     """
 
-    def __init__(self, config: CheckpointConfig, *, state: GlobalState, callbacks: CallbackManager | None,
-                 model: list[torch.nn.Module], optimizer: torch.optim.Optimizer,
-                 scheduler: OptimizerParamScheduler, precision: MixedPrecision) -> None:
+    def __init__(self, config: CheckpointConfig, *, state: GlobalState, callbacks: CallbackManager | None) -> None:
         self.config, self.state, self.callbacks = config, state, callbacks
-        self.model, self.optimizer, self.scheduler, self.precision = model, optimizer, scheduler, precision
+        self.model: list[torch.nn.Module] | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: OptimizerParamScheduler | None = None
+        self.precision: MixedPrecision | None = None
+        self.keep: KeepEntry = keep_all
         layout = current_layout()
         self.rank, self.world_size = layout.rank, layout.world_size
         self._last_saved_step: int | None = None
         self._pending: tuple[int, float, Future] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._lock: SaveFolderLock | None = None
+        self._resume_directory: Path | None | bool = False  # False: not looked for yet
         # Checkpoint I/O gets its own gloo group: it may run in a background thread beside training's collectives.
         uses_checkpoints = config.save or config.load or config.pretrained_checkpoint
         self._group = dist.new_group(backend="gloo") if (uses_checkpoints and self.world_size > 1) else None
-        self.needed_bytes = estimate_checkpoint_bytes(model[0], optimizer, save_optim=config.save_optim) if (
-            config.save) else 0
+        self._reader = CheckpointReader(rank=self.rank, world_size=self.world_size, group=self._group,
+                                        load_rng=config.load_rng, load_optim=config.load_optim)
+        self.needed_bytes = 0
         if config.save:
-            self._claim_save_folder()
+            self._on_rank_0_for_all(lambda: setattr(self, "_lock", claim_save_folder(Path(config.save))))
 
-    def _claim_save_folder(self) -> None:
-        # Rank 0 claims the folder; every rank learns the outcome before anything is loaded or deleted.
+    def attach(self, *, model: list[torch.nn.Module], optimizer: torch.optim.Optimizer,
+               scheduler: OptimizerParamScheduler, precision: MixedPrecision, keep: KeepEntry = keep_all) -> None:
+        """Give the run's model, optimizer and schedule (`keep`: the model entries it saves), and check the room.
+
+        Raises `CheckpointSaveError` when one checkpoint of what is saved would not fit into `checkpoint.save`.
+        """
+        self.model, self.optimizer, self.scheduler, self.precision = model, optimizer, scheduler, precision
+        self.keep = keep
+        if not self.config.save:
+            return
+        self.needed_bytes = estimate_checkpoint_bytes(model[0], optimizer, save_optim=self.config.save_optim, keep=keep)
+        # A run that does not train never saves: it needs the lock, not the room.
+        if self.state.cfg is None or not self.state.cfg.validation.skip_train:
+            self._on_rank_0_for_all(lambda: check_room(Path(self.config.save), self.needed_bytes))
+
+    def _on_rank_0_for_all(self, action: Callable[[], None]) -> None:
+        # Rank 0 acts on the save folder; every rank learns the outcome before anything is loaded or deleted.
         outcome: tuple[str, str] | None = None
         if self.rank == 0:
             try:
-                # A run that does not train never saves: it needs the lock, not the room.
-                trains = self.state.cfg is None or not self.state.cfg.validation.skip_train
-                self._lock = claim_save_folder(Path(self.config.save), needed_bytes=self.needed_bytes if trains else 0)
+                action()
             except CheckpointSaveError as err:
+                if self._lock is not None:
+                    self._lock.release()
+                    self._lock = None
                 outcome = (type(err).__name__, str(err))
         if self.world_size > 1:
             box = [outcome]
@@ -166,13 +187,13 @@ class CheckpointManager:
 
     def _capture(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         chunk = self.model[0]
-        tensors = {_MODEL + key: value for key, value in get_model_state_dict(chunk).items()}
+        tensors = model_entries(chunk, self.keep)
         common: dict[str, Any] = {
             "format_version": io.FORMAT_VERSION,
             "train_state": self.state.train_state.state_dict(),
         }
         if self.config.save_optim:
-            tensors.update(_flatten_optimizer_state(get_optimizer_state_dict(chunk, self.optimizer)))
+            tensors.update(flatten_optimizer_state(get_optimizer_state_dict(chunk, self.optimizer)))
             common["scheduler"] = self.scheduler.state_dict()
             if self.precision.scaler is not None:
                 common["grad_scaler"] = self.precision.scaler.state_dict()
@@ -180,7 +201,7 @@ class CheckpointManager:
 
     def _capture_rank_state(self) -> dict[str, Any]:
         # Per rank: RNG streams and callback state may differ between ranks.
-        state: dict[str, Any] = {"rng": _capture_rng() if self.config.save_rng else None}
+        state: dict[str, Any] = {"rng": capture_rng() if self.config.save_rng else None}
         if self.callbacks is not None:
             unsupported: list[str] = []
             callback_state = self.callbacks.state_dict()
@@ -260,127 +281,58 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------------------------------ loading
 
-    def load(self) -> None:
-        """Resume from `load` (or `save`), or take weights from `pretrained_checkpoint`; else start fresh."""
-        cfg = self.config
-        source = cfg.load or cfg.save
-        directory = _latest(source) if source else None
-        if directory is not None:
-            self._load(directory, weights_only=cfg.finetune)
+    def _resume_source(self) -> Path | None:
+        # The newest checkpoint of `load` (or `save`): what a resume continues from. Read once, under the lock.
+        if self._resume_directory is False:
+            source = self.config.load or self.config.save
+            self._resume_directory = _latest(source) if source else None
+        return self._resume_directory
+
+    def load_base_weights(self, model: torch.nn.Module, *, adapted: bool) -> None:
+        """Before transforms and wrapping: fill `model` with the weights the run starts from, if a checkpoint has them.
+
+        The first that applies: `load`'s checkpoint with `finetune=True` (weights only, step 0); nothing,
+        when a resume will restore the whole model anyway; `pretrained_checkpoint` (a training checkpoint
+        or a Hugging Face model folder), always for an `adapted` (LoRA) run, whose own checkpoints hold
+        its adapters only. Otherwise the model keeps the weights it was built with.
+        """
+        cfg, resume = self.config, self._resume_source()
+        if resume is not None and cfg.finetune:
+            self._reader.load_weights(resume, model)
+        elif resume is not None and not adapted:
+            return
         elif cfg.pretrained_checkpoint:
-            pretrained = _latest(cfg.pretrained_checkpoint)
-            if pretrained is None:
-                raise io.CheckpointError(
-                    f"checkpoint.pretrained_checkpoint={cfg.pretrained_checkpoint!r} holds no checkpoint "
-                    f"(expected {io.TRACKER_FILE} and iter_* directories, or an iter_* directory)"
-                )
-            self._load(pretrained, weights_only=True)
-        elif cfg.load:
+            self._load_pretrained(Path(cfg.pretrained_checkpoint), model)
+        elif cfg.load and resume is None:
             print_rank_0(f"> no checkpoint found in checkpoint.load={cfg.load!r}; starting from scratch")
 
-    def _load(self, directory: Path, *, weights_only: bool) -> None:
-        started = time.perf_counter()
-        plan = self._agreed(lambda: self._plan_load(directory, weights_only=weights_only))
-        # Everything was checked on every rank: only now change the model, optimizer and run state.
-        chunk, common = self.model[0], plan.common
-        io.load_tensors(plan.tensors, directory, process_group=self._group)
-        set_model_state_dict(chunk, {k[len(_MODEL):]: v for k, v in plan.model_state.items()})
-        if plan.optim_state is not None:
-            set_optimizer_state_dict(chunk, self.optimizer, plan.optim_state)
-            self.scheduler.load_state_dict(common["scheduler"])
-            if self.precision.scaler is not None and "grad_scaler" in common:
-                self.precision.scaler.load_state_dict(common["grad_scaler"])
-        if plan.rank_state is not None:
-            self.state.train_state = common["train_state"]
-            self._last_saved_step = self.state.train_state.step
-            self._restore_rank_state(plan.rank_state)
-        print_rank_0(f"> loaded {plan.describe(self.config)} from {directory} "
-                     f"(iteration {common['train_state'].step}, {time.perf_counter() - started:.2f} s)")
+    def _load_pretrained(self, source: Path, model: torch.nn.Module) -> None:
+        if is_hf_model_folder(source):
+            from megatron.bridge.models.conversion.auto_bridge import AutoBridge
 
-    def _plan_load(self, directory: Path, *, weights_only: bool) -> _LoadPlan:
-        files = saved.CheckpointFiles(directory, self._verified_manifest(directory))
-        if files.manifest is None:
-            print_rank_0(f"> warning: {directory} has no {integrity.MANIFEST_FILE} (written before checkpoints had "
-                         "checksums, or removed since): its files are loaded unverified")
-        index = files.read_index()
-        common = files.read_common(scheduler=self.scheduler, scaler=self.precision.scaler, index=index)
-        chunk = self.model[0]
-        model_state = {_MODEL + k: v for k, v in get_model_state_dict(chunk).items()}
-        has_optimizer = "scheduler" in common
-        load_optim = not weights_only and self.config.load_optim and has_optimizer
-        optim_state = get_optimizer_state_dict(chunk, self.optimizer) if load_optim else None
-        tensors = dict(model_state)
-        if optim_state is not None:
-            tensors.update(_flatten_optimizer_state(optim_state))
-        io.check_compatible(directory, {k: v.shape for k, v in tensors.items()}, index, strict_prefix=_MODEL)
-        rank_state = None if weights_only else files.read_rank_state(self.rank, restore_rng=self.config.load_rng)
-        return _LoadPlan(common=common, model_state=model_state, optim_state=optim_state, tensors=tensors,
-                         rank_state=rank_state, weights_only=weights_only, has_optimizer=has_optimizer)
+            started = time.perf_counter()
+            AutoBridge.from_hf_pretrained(source).load_hf_weights(model)
+            print_rank_0(f"> loaded model weights from the Hugging Face folder {source} "
+                         f"({time.perf_counter() - started:.2f} s)")
+            return
+        pretrained = _latest(str(source))
+        if pretrained is None:
+            raise io.CheckpointError(
+                f"checkpoint.pretrained_checkpoint={str(source)!r} holds no checkpoint (expected {io.TRACKER_FILE} "
+                "and iter_* directories, an iter_* directory, or a Hugging Face folder with config.json)"
+            )
+        self._reader.load_weights(pretrained, model)
 
-    def _agreed(self, action: Callable[[], Any]) -> Any:
-        # A checkpoint refused on one rank must be refused on all, before any of them enters a collective.
-        error: str | None = None
-        try:
-            result = action()
-        except io.CheckpointError as err:
-            error, result = str(err), None
-        if self.world_size > 1:
-            errors: list[str | None] = [None] * self.world_size
-            dist.all_gather_object(errors, error, group=self._group)
-            error = next((e for e in errors if e is not None), None)
-        if error is not None:
-            raise io.CheckpointError(error)
-        return result
-
-    def _verified_manifest(self, directory: Path) -> integrity.Manifest | None:
-        # Every rank reads the small manifest and hashes its share of the files; all learn every verdict.
-        manifest = integrity.read_manifest(directory, saved.step_of(directory))
-        if manifest is None:
-            return None
-        problems = integrity.verify(directory, manifest, integrity.share(manifest, self.rank, self.world_size))
-        if self.world_size > 1:
-            everyone: list[list[str] | None] = [None] * self.world_size
-            dist.all_gather_object(everyone, problems, group=self._group)
-            problems = [problem for rank_problems in everyone for problem in rank_problems or []]
-        if problems:
-            shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
-            raise io.CheckpointError(f"checkpoint {directory} is damaged, nothing was loaded: {shown}")
-        return manifest
-
-    def _restore_rank_state(self, rank_state: saved.RankState) -> None:
-        if rank_state.fallback:
-            print_rank_0("> the checkpoint was saved with fewer ranks: RNG states not restored on ranks beyond them")
-        if rank_state.rng is not None:
-            _restore_rng(rank_state.rng)
-        if self.callbacks is not None and rank_state.callbacks is not None:
-            unclaimed = self.callbacks.load_state_dict({
-                "callbacks": rank_state.callbacks, "user_state": rank_state.user_state,
-            })
-            if unclaimed:
-                print_rank_0(f"> checkpoint holds state for callbacks not registered in this run: {unclaimed}")
-
-
-@dataclass
-class _LoadPlan:
-    """What a resume will change, all of it checked: the tensors to fill, the states to set."""
-
-    common: dict[str, Any]
-    model_state: dict[str, torch.Tensor]
-    optim_state: dict[str, Any] | None
-    tensors: dict[str, torch.Tensor]
-    rank_state: saved.RankState | None
-    weights_only: bool
-    has_optimizer: bool
-
-    def describe(self, config: CheckpointConfig) -> str:
-        """What was loaded, in words, for the log line."""
-        if self.weights_only:
-            return "model weights"
-        if self.optim_state is not None:
-            return "model, optimizer and training state"
-        if config.load_optim and not self.has_optimizer:
-            return "model and training state (the checkpoint holds no optimizer state: the optimizer starts fresh)"
-        return "model and training state"
+    def resume(self) -> None:
+        """Continue from `load`'s (or `save`'s) newest checkpoint, unless there is none or `finetune` is set."""
+        resume = self._resume_source()
+        if resume is None or self.config.finetune:
+            return
+        assert self.model is not None and self.optimizer is not None, "attach() comes before resume()"
+        self._reader.resume(resume, model=self.model[0], keep=self.keep, optimizer=self.optimizer,
+                            scheduler=self.scheduler, precision=self.precision, state=self.state,
+                            callbacks=self.callbacks)
+        self._last_saved_step = self.state.train_state.step
 
 
 class _WriteFailed(Exception):
@@ -417,13 +369,14 @@ def _latest(source: str) -> Path | None:
     return directory
 
 
-def estimate_checkpoint_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, save_optim: bool) -> int:
-    """About how many bytes one checkpoint of `model` (and `optimizer`'s state) takes on disk, all ranks together.
+def estimate_checkpoint_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, save_optim: bool,
+                              keep: KeepEntry = keep_all) -> int:
+    """About how many bytes one checkpoint of `model`'s kept entries and `optimizer`'s state takes, all ranks together.
 
     The optimizer state does not exist before the first step, so it is counted from the optimizer's
     kind: AdamW keeps two tensors per parameter, SGD with momentum one.
     """
-    tensors = [value for value in get_model_state_dict(model).values() if isinstance(value, torch.Tensor)]
+    tensors = [value for value in model_entries(model, keep).values() if isinstance(value, torch.Tensor)]
     total = sum(t.numel() * t.element_size() for t in tensors)
     count = len(tensors)
     if save_optim:
@@ -440,34 +393,6 @@ def _state_tensors_per_param(optimizer: torch.optim.Optimizer) -> int:
     return 2  # Adam, AdamW, and the safe guess for any other
 
 
-def _flatten_optimizer_state(optim_state: dict[str, Any]) -> dict[str, torch.Tensor]:
-    flat = {}
-    for param_name, entries in optim_state["state"].items():
-        for entry, value in entries.items():
-            assert isinstance(value, torch.Tensor), f"optimizer state {param_name}.{entry} is not a tensor"
-            flat[f"{_OPTIM}{param_name}.{entry}"] = value
-    return flat
-
-
-def _capture_rng() -> dict[str, Any]:
-    version, internal, gauss = random.getstate()
-    np_state = np.random.get_state()
-    rng: dict[str, Any] = {
-        "python": [version, list(internal), gauss],
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "torch_cpu": io.encode_value(torch.get_rng_state(), "torch_cpu", []),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        rng["torch_cuda"] = [io.encode_value(s, "torch_cuda", []) for s in torch.cuda.get_rng_state_all()]
-    return rng
-
-
-def _restore_rng(rng: dict[str, Any]) -> None:
-    # Already checked and decoded against the schema of `checkpoint_state`.
-    version, internal, gauss = rng["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = rng["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(rng["torch_cpu"])
-    if "torch_cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["torch_cuda"])
+def is_hf_model_folder(path: Path) -> bool:
+    """True for a local Hugging Face model folder (config.json, no training checkpoint in it)."""
+    return (path / "config.json").is_file() and not (path / io.TRACKER_FILE).exists() and io.find_latest(path) is None

@@ -24,7 +24,9 @@ from megatron.bridge.data.config import (  # noqa: F401 - re-exported: every imp
     MockGPTDatasetConfig,
     TokenizerConfig,
 )
+from megatron.bridge.data.sft.config import GPTSFTDatasetConfig
 from megatron.bridge.models.gpt_provider import GPTModelProvider
+from megatron.bridge.peft.base import PEFT
 from megatron.bridge.utils.config_checks import (
     NUMPY_SEED_LIMIT,  # noqa: F401 - re-exported
     check_choice,
@@ -343,7 +345,8 @@ class ConfigContainer(KnownFieldsOnly):
     model: GPTModelProvider
     train: TrainingConfig
     optimizer: OptimizerConfig
-    dataset: GPTDatasetConfig
+    dataset: GPTDatasetConfig | GPTSFTDatasetConfig
+    """Pretraining data (indexed datasets, or mock data) or finetuning data (`GPTSFTDatasetConfig`)."""
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -354,6 +357,9 @@ class ConfigContainer(KnownFieldsOnly):
     dist: DistributedInitConfig = field(default_factory=DistributedInitConfig)
     mixed_precision: str | None = None
     """bf16_mixed, fp16_mixed, fp32 or None (None: from optimizer.bf16 / optimizer.fp16)."""
+    peft: PEFT | None = None
+    """Parameter-efficient finetuning (`megatron.bridge.peft.lora.LoRA`, `...dora.DoRA`): applied after the
+    base weights load and before the model is wrapped; the base is frozen and checkpoints hold the adapters."""
 
     def validate(self, *, data_parallel_size: int = 1) -> None:
         """Check every field and every cross-field rule; raise `ValueError` on the first failure."""
@@ -361,6 +367,9 @@ class ConfigContainer(KnownFieldsOnly):
                     self.tokenizer, self.checkpoint, self.logger, self.rng, self.ddp, self.dist):
             sub.validate()
         self.model.validate()
+        if self.peft is not None:
+            self.peft.validate()
+            self.peft.sites(self.model)  # every target must name layers this model has
         self._validate_precision()
         self._validate_batch(data_parallel_size)
         self._validate_sharding()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from megatron.bridge.training.callbacks import Callback, CallbackManager
 from megatron.bridge.training.config import ConfigContainer
+from megatron.bridge.utils.errors import ConfigError
 
 
 def finetune(
@@ -20,12 +22,16 @@ def finetune(
       - `checkpoint.load` (or `checkpoint.save`) when it holds a checkpoint: a normal resume (model,
         optimizer, step), so an interrupted finetuning run continues where it stopped;
       - `checkpoint.pretrained_checkpoint`: its model weights only, with a fresh optimizer at step 0
-        (e.g. a Hugging Face model converted with `AutoBridge.import_ckpt`);
+        (a training checkpoint, e.g. one `AutoBridge.import_ckpt` converted, or a local Hugging Face
+        model folder read directly);
       - the weights `config.model` loads itself, for a provider from
         `AutoBridge.to_megatron_provider(load_weights=True)` (step 0, fresh optimizer).
 
+    With `config.peft` (LoRA, DoRA) the base weights come from `pretrained_checkpoint` (or the provider)
+    on a resume too: the run's own checkpoints hold the adapters, optimizer and counters only.
+
     Raises:
-        ValueError: naming `checkpoint.pretrained_checkpoint` when none of these brings weights, before
+        ConfigError: naming `checkpoint.pretrained_checkpoint` when none of these brings weights, before
             any work starts.
     """
     from megatron.bridge.checkpoint import io as checkpoint_io
@@ -33,24 +39,30 @@ def finetune(
 
     ckpt = config.checkpoint
     resumable = ckpt.load or ckpt.save
+    resumes = bool(resumable) and checkpoint_io.find_latest(resumable) is not None
     provider_loads = any(getattr(hook, "loads_weights", False) for hook in config.model.pre_wrap_hooks)
-    if (not resumable or checkpoint_io.find_latest(resumable) is None) and not provider_loads:
-        _check_pretrained_checkpoint(ckpt.pretrained_checkpoint, ckpt.load)
+    # A LoRA run's checkpoints hold its adapters only: even a resume needs the base weights from somewhere.
+    if (not resumes or config.peft is not None) and not provider_loads:
+        _check_pretrained_checkpoint(ckpt.pretrained_checkpoint, ckpt.load, adapted=config.peft is not None)
     pretrain(config, forward_step_func, callbacks)
 
 
-def _check_pretrained_checkpoint(pretrained: str | None, load: str | None) -> None:
+def _check_pretrained_checkpoint(pretrained: str | None, load: str | None, *, adapted: bool) -> None:
     from megatron.bridge.checkpoint import io as checkpoint_io
+    from megatron.bridge.training.checkpointing import is_hf_model_folder
 
     if not pretrained:
-        where = f"checkpoint.load={load!r} holds no checkpoint" if load else "checkpoint.load is None"
-        raise ValueError(
+        where = ("the base weights of a LoRA run come from it" if adapted else
+                 f"checkpoint.load={load!r} holds no checkpoint" if load else "checkpoint.load is None")
+        raise ConfigError(
             f"checkpoint.pretrained_checkpoint=None is invalid for finetune: {where}, so training would start "
-            "from random weights; set checkpoint.pretrained_checkpoint to the checkpoint to start from (for a "
-            "Hugging Face model, convert it first with AutoBridge.import_ckpt), or checkpoint.load to resume from"
+            "from random weights; set checkpoint.pretrained_checkpoint to the checkpoint or Hugging Face model "
+            "folder to start from, or checkpoint.load to resume from"
         )
-    if checkpoint_io.find_latest(pretrained) is None:
-        raise ValueError(
+    path = Path(pretrained)
+    if not is_hf_model_folder(path) and checkpoint_io.find_latest(path) is None:
+        raise ConfigError(
             f"checkpoint.pretrained_checkpoint={pretrained!r} is invalid: it holds no checkpoint (expected "
-            f"{checkpoint_io.TRACKER_FILE} and iter_* folders, or an iter_* folder)"
+            f"{checkpoint_io.TRACKER_FILE} and iter_* folders, an iter_* folder, or a Hugging Face model folder "
+            "with config.json and its weights)"
         )

@@ -55,6 +55,11 @@ _SCHEDULE_FIELDS: dict[str, type] = {
 }
 
 
+def schedule_state_template() -> dict[str, Any]:
+    """A scheduler `state_dict()` of the right keys and types (zeros and empty strings), for checking one."""
+    return {**{name: kind() for name, kind in _SCHEDULE_FIELDS.items()}, "num_steps": 0}
+
+
 def default_wsd_decay_steps(lr_warmup_steps: int, lr_decay_steps: int) -> int:
     """WSD's final decay length when none is given: 10% of the decay span, at least one step."""
     return max(1, (lr_decay_steps - lr_warmup_steps) // 10)

@@ -9,9 +9,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from megatron.bridge.data.index_cache import rank_zero_first
 from megatron.bridge.data.loaders import DataIterators, build_data_iterators
+from megatron.bridge.data.sft.builder import build_sft_data_iterators
+from megatron.bridge.data.sft.config import GPTSFTDatasetConfig
+from megatron.bridge.peft.base import freeze_summary
+from megatron.bridge.peft.flops import lora_flops_per_token
+from megatron.bridge.peft.state import is_adapter_param
 from megatron.bridge.training.callbacks import CallbackContext, CallbackManager, should_fire
+from megatron.bridge.training.checkpoint_loading import keep_all
 from megatron.bridge.training.checkpointing import CheckpointManager
+from megatron.bridge.training.config import ConfigContainer
 from megatron.bridge.training.forward_backward import ForwardStep
 from megatron.bridge.training.metrics import MetricsLogger, model_flops_per_token
 from megatron.bridge.training.mixed_precision import MixedPrecision
@@ -51,14 +59,32 @@ def set_seed(seed: int) -> None:
 
 def setup(state: GlobalState, forward_step: ForwardStep, callbacks: CallbackManager | None,
           layout: ParallelLayout) -> SetupOutput:
-    """Seed, build the model and optimizer, load any checkpoint, then build the data iterators."""
+    """Build every component of the run, in this order (each step needs the ones before it):
+
+    seed; claim the save folder; build the model and fill it with the weights it starts from; apply the
+    transforms (LoRA, DoRA: they freeze the base and add adapters); compile and wrap it (DDP or FSDP2);
+    build the optimizer over what is trainable; resume a checkpoint; build the data iterators.
+    """
     cfg = state.cfg
     set_seed(cfg.rng.seed)
+    # Claims checkpoint.save (created, locked for this run) before anything is built or loaded.
+    checkpointer = CheckpointManager(cfg.checkpoint, state=state, callbacks=callbacks)
+    try:
+        return _build(state, forward_step, callbacks, layout, checkpointer)
+    except BaseException:
+        checkpointer.close()  # gives the save folder back: the run ends here
+        raise
+
+
+def _build(state: GlobalState, forward_step: ForwardStep, callbacks: CallbackManager | None, layout: ParallelLayout,
+           checkpointer: CheckpointManager) -> SetupOutput:
+    cfg = state.cfg
     raw_model = cfg.model.provide().to(layout.device)
-    flops = model_flops_per_token(
-        raw_model, num_layers=cfg.model.num_layers, seq_length=cfg.model.seq_length,
-        attention_width=cfg.model.num_attention_heads * cfg.model.resolved_kv_channels,
-    )
+    checkpointer.load_base_weights(raw_model, adapted=cfg.peft is not None)
+    if cfg.peft is not None:
+        raw_model = cfg.peft(raw_model)
+        print_rank_0(f"> {freeze_summary(raw_model)}")
+    flops = _flops_per_token(cfg, raw_model)
     description = _describe(cfg, raw_model, layout)
     model = [parallelize(raw_model, cfg, layout)]
     # With skip_train there may be no train_iters: the schedule is never stepped but must still be valid.
@@ -67,21 +93,16 @@ def setup(state: GlobalState, forward_step: ForwardStep, callbacks: CallbackMana
     precision = MixedPrecision(cfg.compute_dtype, layout.device, initial_loss_scale=cfg.optimizer.initial_loss_scale,
                                min_loss_scale=cfg.optimizer.min_loss_scale,
                                loss_scale_window=cfg.optimizer.loss_scale_window)
-    # Claims checkpoint.save (created, locked for this run, room checked) before anything is loaded.
-    checkpointer = CheckpointManager(cfg.checkpoint, state=state, callbacks=callbacks, model=model,
-                                     optimizer=optimizer, scheduler=scheduler, precision=precision)
-    try:
-        checkpointer.load()
+    # A LoRA run saves and resumes its adapters only: the base comes from where it came from this time.
+    checkpointer.attach(model=model, optimizer=optimizer, scheduler=scheduler, precision=precision,
+                        keep=keep_all if cfg.peft is None else is_adapter_param)
+    checkpointer.resume()
 
-        if should_fire(callbacks, "on_data_init_start"):
-            callbacks.fire("on_data_init_start", CallbackContext(
-                state=state, model=model, user_state=callbacks.user_state, optimizer=optimizer, scheduler=scheduler,
-            ))
-        data = _build_data(state, layout)
-    except BaseException:
-        checkpointer.close()  # gives the save folder back: the run ends here
-        raise
-
+    if should_fire(callbacks, "on_data_init_start"):
+        callbacks.fire("on_data_init_start", CallbackContext(
+            state=state, model=model, user_state=callbacks.user_state, optimizer=optimizer, scheduler=scheduler,
+        ))
+    data = _build_data(state, layout)
     _record_what_runs(state, data)
     num_microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * layout.data_parallel_size)
     metrics = MetricsLogger(state, flops_per_token=flops, world_size=layout.world_size, device=layout.device,
@@ -93,6 +114,13 @@ def setup(state: GlobalState, forward_step: ForwardStep, callbacks: CallbackMana
         precision=precision, ledger=_build_ledger(state, scheduler, optimizer, precision), layout=layout,
         num_microbatches=num_microbatches,
     )
+
+
+def _flops_per_token(cfg: ConfigContainer, model: torch.nn.Module) -> float:
+    # A LoRA step computes no weight gradients for the frozen base: count what it really does.
+    count = model_flops_per_token if cfg.peft is None else lora_flops_per_token
+    return count(model, num_layers=cfg.model.num_layers, seq_length=cfg.model.seq_length,
+                 attention_width=cfg.model.num_attention_heads * cfg.model.resolved_kv_channels)
 
 
 def _record_what_runs(state: GlobalState, data: DataIterators) -> None:
@@ -117,25 +145,32 @@ def _build_data(state: GlobalState, layout: ParallelLayout) -> DataIterators:
     from megatron.bridge.data.tokenizer import build_tokenizer
 
     cfg, train_state = state.cfg, state.train_state
-    # Real data needs the tokenizer's end-of-document id (for eod_mask_loss and the resets); mock data
-    # makes its own, so it never loads a tokenizer.
-    eod = None if cfg.dataset.uses_mock_data else build_tokenizer(cfg.tokenizer).eod
     gbs = cfg.train.global_batch_size
     train_iters = 0 if cfg.validation.skip_train else cfg.train.train_iters
     # The train stream resumes at sample `consumed` whatever the batch size it was consumed with (as
     # Megatron's sampler does), so the dataset holds those samples plus this run's remaining steps.
     consumed = train_state.consumed_train_samples
-    train_samples = consumed + max(train_iters - train_state.step, 0) * gbs if train_iters else 0
-    eval_iters = cfg.validation.eval_iters
-    # Size the validation stream for every in-training pass plus the final one.
-    eval_passes = (train_iters // cfg.validation.eval_interval if cfg.validation.eval_interval else 0) + 1
-    return build_data_iterators(
-        cfg.dataset, vocab_size=cfg.tokenizer.vocab_size, micro_batch_size=cfg.train.micro_batch_size,
-        global_batch_size=gbs, train_samples=train_samples, valid_samples=eval_passes * eval_iters * gbs,
-        test_samples=eval_iters * gbs, consumed_train_samples=consumed,
-        consumed_valid_samples=train_state.consumed_valid_samples, dp_rank=layout.data_parallel_rank,
-        dp_size=layout.data_parallel_size, eod=eod,
-    )
+    samples = {
+        "train_samples": consumed + max(train_iters - train_state.step, 0) * gbs if train_iters else 0,
+        # Size the validation stream for every in-training pass plus the final one.
+        "valid_samples": ((train_iters // cfg.validation.eval_interval if cfg.validation.eval_interval else 0) + 1)
+        * cfg.validation.eval_iters * gbs,
+        "test_samples": cfg.validation.eval_iters * gbs,
+        "consumed_train_samples": consumed, "consumed_valid_samples": train_state.consumed_valid_samples,
+        "micro_batch_size": cfg.train.micro_batch_size, "global_batch_size": gbs,
+        "dp_rank": layout.data_parallel_rank, "dp_size": layout.data_parallel_size,
+    }
+    if isinstance(cfg.dataset, GPTSFTDatasetConfig):
+        # Rank 0 tokenizes (and packs) first and caches; the other ranks then read its caches.
+        with rank_zero_first():
+            data, stats = build_sft_data_iterators(cfg.dataset, build_tokenizer(cfg.tokenizer), **samples)
+        for line in stats.log_lines():
+            print_rank_0(line)
+        return data
+    # Real data needs the tokenizer's end-of-document id (for eod_mask_loss and the resets); mock data
+    # makes its own, so it never loads a tokenizer.
+    eod = None if cfg.dataset.uses_mock_data else build_tokenizer(cfg.tokenizer).eod
+    return build_data_iterators(cfg.dataset, vocab_size=cfg.tokenizer.vocab_size, eod=eod, **samples)
 
 
 def _describe(cfg: Any, model: torch.nn.Module, layout: ParallelLayout) -> str:

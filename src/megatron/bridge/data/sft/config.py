@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from megatron.bridge.utils.config_fields import KnownFieldsOnly
 from megatron.bridge.utils.errors import config_error
 
 SPLIT_FILES = {"train": "training.jsonl", "valid": "validation.jsonl", "test": "test.jsonl"}
@@ -41,15 +42,16 @@ def _check_choice(field_name: str, value: Any, choices: tuple[str, ...]) -> None
         raise config_error(field_name, value, f"choose one of {', '.join(choices)}")
 
 
-# TODO(lead): field guard (KnownFieldsOnly, _section = "dataset.preprocessing")
 @dataclass(kw_only=True)
-class PromptCompletionSFTPreprocessingConfig:
+class PromptCompletionSFTPreprocessingConfig(KnownFieldsOnly):
     """Rows with a prompt and an answer: `{"input", "output"}` (SQuAD-style) or `{"prompt", "completion"}`.
 
     An example is `[bos] prompt_template(prompt) | separator + completion [eos]`: the prompt side and the
     answer side are tokenized separately, so the boundary between them is exact. The loss covers the
     answer and the end-of-sequence token (`loss_mode="completion"`) or every token (`"full"`).
     """
+
+    _section = "dataset.preprocessing"
 
     prompt_template: str = "{prompt}"
     """How the prompt is written before the answer; `{prompt}` is the row's prompt (exactly once; write
@@ -89,14 +91,15 @@ def _template_fields(template: str) -> list[str] | None:
         return None
 
 
-# TODO(lead): field guard (KnownFieldsOnly, _section = "dataset.preprocessing")
 @dataclass(kw_only=True)
-class ChatSFTPreprocessingConfig:
+class ChatSFTPreprocessingConfig(KnownFieldsOnly):
     """Conversations (`{"messages"}` or ShareGPT `{"conversations"}`), rendered with the tokenizer's chat template.
 
     Prompt/completion rows are read as a user turn and an assistant turn. Over-long conversations are
     cut at their end; one left with no supervised token is dropped (and counted).
     """
+
+    _section = "dataset.preprocessing"
 
     loss_mode: str = "assistant"
     """`assistant`: loss on every assistant turn (its text and end-of-turn token); `last_turn`: on the last
@@ -107,14 +110,15 @@ class ChatSFTPreprocessingConfig:
         _check_choice(f"{prefix}.loss_mode", self.loss_mode, CHAT_LOSS_MODES)
 
 
-# TODO(lead): field guard (KnownFieldsOnly, _section = "dataset.offline_packing_specs")
 @dataclass
-class PackedSequenceSpecs:
+class PackedSequenceSpecs(KnownFieldsOnly):
     """Offline packing: examples are concatenated into rows of `packed_sequence_size` tokens.
 
     Attention stays inside each example and position ids restart per example. Packs are cached next to
     the data (`<dataset_root>/packed/`, or `cache_dir`) under a key of everything they depend on.
     """
+
+    _section = "dataset.offline_packing_specs"
 
     packed_sequence_size: int
     """Tokens per pack; at most `dataset.seq_length` (usually equal). Longer examples are truncated to it."""
@@ -135,15 +139,16 @@ class PackedSequenceSpecs:
 SFTPreprocessingConfig = PromptCompletionSFTPreprocessingConfig | ChatSFTPreprocessingConfig
 
 
-# TODO(lead): field guard (KnownFieldsOnly, _section = "dataset")
 @dataclass(kw_only=True)
-class GPTSFTDatasetConfig:
+class GPTSFTDatasetConfig(KnownFieldsOnly):
     """Finetuning data from `dataset_root/{training,validation,test}.jsonl` (Megatron Bridge's field names).
 
     With `preprocessing=None` each file's format is recognised from the keys of its first line, and every
     line must then have that format. Batches are padded only to the longest example of their global batch
     (`dataloader_type="batch"`), or hold offline packs (`enable_offline_packing`).
     """
+
+    _section = "dataset"
 
     seq_length: int
     """Most tokens an example gives the model (its inputs; the example itself has one more, the last label).
