@@ -51,6 +51,7 @@ parser.add_argument("--exit-interval", type=int, default=None)
 parser.add_argument("--train-iters", type=int, default=10)
 parser.add_argument("--raise-at", type=int, default=None, help="raise in on_train_step_end on rank 1 at this step")
 parser.add_argument("--bf16", action="store_true", help="bf16_mixed precision instead of the recipe's fp32")
+parser.add_argument("--lora", action="store_true", help="train LoRA adapters on the frozen (random) base")
 args = parser.parse_args()
 
 cfg = qwen25_tiny_pretrain_config()
@@ -75,6 +76,11 @@ cfg.checkpoint.save = cfg.checkpoint.load = args.save
 cfg.checkpoint.save_interval = 5 if args.save else None
 cfg.ddp.use_distributed_optimizer = args.mode == "fsdp"
 cfg.ddp.overlap_grad_reduce = args.mode != "ddp-no-overlap"
+if args.lora:
+    from megatron.bridge.peft.lora import LoRA
+
+    cfg.peft = LoRA(dim=4, alpha=8)
+    cfg.optimizer.lr = 1e-2
 if args.bf16:
     cfg.mixed_precision = "bf16_mixed"
     cfg.optimizer.bf16 = True
@@ -411,3 +417,22 @@ def test_exception_on_one_rank_ends_the_job(worker, tmp_path):
     assert "injected failure on rank 1 at step 3" in launch.output, launch.output[-4000:]
     assert "RuntimeError" in launch.output
     assert not list((tmp_path / "out").glob("rank*.json")), "no rank may finish the run normally"
+
+
+@pytest.fixture(scope="module")
+def lora_reference(worker, tmp_path_factory) -> dict:
+    """One uninterrupted 1-rank LoRA run."""
+    base = tmp_path_factory.mktemp("lora_reference")
+    (record,) = run_worker(worker, base / "out", 1, "ddp", None, None, "--lora")
+    return record
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_lora_on_two_ranks_matches_one_rank(worker, lora_reference, tmp_path, mode):
+    records = run_worker(worker, tmp_path / "out", 2, mode, None, None, "--lora")
+    _assert_identical_across_ranks(records)
+    steps = range(TRAIN_ITERS)
+    losses = _losses(lora_reference, steps)
+    assert losses[-1] < losses[0], "the adapters should learn"
+    _assert_close(_losses(records[0], steps), losses, LOSS_RTOL, f"{mode} LoRA train losses")
+    _assert_close(_norms(records[0], steps), _norms(lora_reference, steps), NORM_RTOL, f"{mode} LoRA grad norms")
