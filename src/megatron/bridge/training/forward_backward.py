@@ -73,6 +73,8 @@ class LossReport:
 
     sums: dict[str, torch.Tensor]
     num_tokens: torch.Tensor
+    input_tokens: int = 0
+    """Tokens this rank's micro-batches fed the model (padding included), read from the batches' shapes."""
 
     def all_reduce(self) -> None:
         """Sum everything over the data-parallel replicas with one collective (a no-op with one replica)."""
@@ -101,6 +103,7 @@ def run_microbatches(
     """
     report: dict[str, torch.Tensor] = {}
     local_tokens: torch.Tensor | None = None
+    data_iterator = _TokenCounter(data_iterator)
     for index in range(num_microbatches):
         if backward is not None:
             set_grad_sync(model, index == num_microbatches - 1)
@@ -121,4 +124,21 @@ def run_microbatches(
             pair = pair.detach().float().reshape(2)
             report[name] = pair if name not in report else report[name] + pair
     assert local_tokens is not None, "num_microbatches must be positive"
-    return LossReport(report, local_tokens)
+    return LossReport(report, local_tokens, data_iterator.tokens)
+
+
+class _TokenCounter:
+    """The data iterator, counting the tokens of each batch it hands out (a shape: no wait for the device)."""
+
+    def __init__(self, iterator: Iterator[Any]) -> None:
+        self.iterator, self.tokens = iterator, 0
+
+    def __iter__(self) -> _TokenCounter:
+        return self
+
+    def __next__(self) -> Any:
+        batch = next(self.iterator)
+        tokens = batch.get("tokens") if isinstance(batch, dict) else None
+        if isinstance(tokens, torch.Tensor):
+            self.tokens += tokens.numel()
+        return batch

@@ -104,8 +104,9 @@ def train_step(run: SetupOutput) -> StepResult:
         outcome.overflow = outcome.skipped and run.precision.overflowed(loss_dict)
         run.precision.step(optimizer, skip=outcome.skipped)
     run.ledger.record(outcome)
-    return StepResult(loss_dict=loss_dict, outcome=outcome,
-                      num_tokens=cfg.train.global_batch_size * cfg.model.seq_length)
+    # Every replica's batches have this rank's shape (finetuning pads each global batch to one length).
+    tokens = report.input_tokens * run.layout.data_parallel_size or cfg.train.global_batch_size * cfg.model.seq_length
+    return StepResult(loss_dict=loss_dict, outcome=outcome, num_tokens=tokens)
 
 
 def _divide_grads(model: list[torch.nn.Module], divisor: torch.Tensor) -> None:
