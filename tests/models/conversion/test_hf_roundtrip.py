@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from megatron.bridge import AutoBridge
 from megatron.bridge.checkpoint import io as checkpoint_io
 from megatron.bridge.convert import main as convert_main
-from megatron.bridge.models.conversion import PARAM_MAPPINGS, to_hf_name, to_megatron_name
+from megatron.bridge.models.registry import FAMILIES
 from megatron.bridge.models.conversion.safetensors_io import SafetensorsReader
 
 transformers = pytest.importorskip("transformers")
@@ -50,17 +50,28 @@ def hf_logits(folder: Path, vocab: int) -> torch.Tensor:
         return model(token_ids(vocab)).logits
 
 
-def test_name_table_maps_both_ways():
-    assert to_hf_name("layers.3.self_attention.linear_k.bias") == "model.layers.3.self_attn.k_proj.bias"
-    assert to_hf_name("layers.0.pre_mlp_layernorm.weight") == "model.layers.0.post_attention_layernorm.weight"
-    assert to_megatron_name("model.layers.11.mlp.down_proj.weight") == "layers.11.mlp.linear_down.weight"
-    assert to_megatron_name("lm_head.weight") == "output_layer.weight"
-    assert to_megatron_name("model.layers.0.mlp.fc1.weight") is None
-    for mapping in PARAM_MAPPINGS:
-        ours = mapping.megatron.replace("{layer}", "7")
-        assert to_megatron_name(to_hf_name(ours)) == ours
-    with pytest.raises(ValueError, match="linear_fc1.*has no Hugging Face equivalent"):
-        to_hf_name("layers.0.mlp.linear_fc1.weight")
+FAMILY = {family.name: family for family in FAMILIES}
+
+
+def test_each_familys_name_table_maps_both_ways():
+    qwen2, llama, gemma3 = FAMILY["qwen2"], FAMILY["llama"], FAMILY["gemma3"]
+    assert qwen2.to_hf_name("layers.3.self_attention.linear_k.bias") == "model.layers.3.self_attn.k_proj.bias"
+    assert llama.to_megatron_name("model.layers.11.mlp.down_proj.weight") == "layers.11.mlp.linear_down.weight"
+    assert llama.to_megatron_name("lm_head.weight") == "output_layer.weight"
+    assert llama.to_megatron_name("model.layers.0.mlp.fc1.weight") is None
+    # One Hugging Face name, two meanings: Llama's pre-MLP norm, Gemma 3's post-attention norm.
+    norm = "model.layers.0.post_attention_layernorm.weight"
+    assert llama.to_megatron_name(norm) == "layers.0.pre_mlp_layernorm.weight"
+    assert gemma3.to_megatron_name(norm) == "layers.0.post_self_attn_layernorm.weight"
+    assert gemma3.to_hf_name("layers.0.pre_mlp_layernorm.weight") == "model.layers.0.pre_feedforward_layernorm.weight"
+    for family in FAMILIES:
+        for mapping in family.name_rows:
+            ours = mapping.megatron.replace("{layer}", "7")
+            assert family.to_megatron_name(family.to_hf_name(ours)) == ours, family.name
+    with pytest.raises(ValueError, match="linear_fc1.*has no Hugging Face equivalent in LlamaForCausalLM"):
+        llama.to_hf_name("layers.0.mlp.linear_fc1.weight")
+    with pytest.raises(ValueError, match="linear_q.bias.*has no Hugging Face equivalent in Qwen3ForCausalLM"):
+        FAMILY["qwen3"].to_hf_name("layers.0.self_attention.linear_q.bias")
 
 
 @pytest.mark.parametrize("fixture", ["qwen2_folder", "llama_folder"])
@@ -132,7 +143,7 @@ def test_import_then_export_checkpoint_round_trips(llama_folder, tmp_path):
     assert run_config["model"]["_target_"].endswith("LlamaModelProvider")
     assert run_config["model"]["rope_scaling"]["rope_type"] == "llama3"
     keys = set(checkpoint_io.read_index(iteration).state_dict_metadata)
-    assert keys == {"model." + to_megatron_name(name) for name in hf_tensors(llama_folder)}
+    assert keys == {"model." + FAMILY["llama"].to_megatron_name(name) for name in hf_tensors(llama_folder)}
     assert sorted(p.name for p in (iteration / "hf").iterdir()) == sorted(
         ["config.json", "generation_config.json", *TOKENIZER_FILES])
 
@@ -146,7 +157,9 @@ def test_export_without_stored_config_rebuilds_it_from_run_config(llama_folder, 
     shutil.rmtree(ckpt / "iter_0000000" / "hf")
     out = AutoBridge.export_ckpt(ckpt, tmp_path / "hf")
     config = json.loads((out / "config.json").read_text())
-    assert config["architectures"] == ["LlamaForCausalLM"] and config["rope_scaling"]["factor"] == 8.0
+    # Written as transformers 5 writes it: the RoPE scaling in rope_parameters, the dtype as `dtype`.
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["rope_parameters"]["factor"] == 8.0
+    assert config["dtype"] == "float32" and "rope_scaling" not in config and "torch_dtype" not in config
     assert_same_tensors(llama_folder, out)
     with torch.no_grad():
         expected = llama_model(token_ids(256)).logits
