@@ -4,50 +4,30 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import yaml
-from hf_tiny import TOKENIZER_FILES, build_hf, qwen2_config, save_hf, token_ids
-from safetensors.torch import load_file
+from hf_tiny import (
+    TOKENIZER_FILES,
+    assert_same_extras,
+    assert_same_tensors,
+    build_hf,
+    hf_logits,
+    hf_tensors,
+    qwen2_config,
+    save_hf,
+    token_ids,
+)
 
 from megatron.bridge import AutoBridge
 from megatron.bridge.checkpoint import io as checkpoint_io
 from megatron.bridge.convert import main as convert_main
-from megatron.bridge.models.registry import FAMILIES
 from megatron.bridge.models.conversion.safetensors_io import SafetensorsReader
+from megatron.bridge.models.registry import FAMILIES
 
 transformers = pytest.importorskip("transformers")
-
-
-def hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a folder, read with the safetensors library (independent of our reader)."""
-    tensors = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(file))
-    return tensors
-
-
-def assert_same_tensors(source: Path, result: Path) -> None:
-    expected, actual = hf_tensors(source), hf_tensors(result)
-    assert sorted(actual) == sorted(expected)
-    for name, tensor in expected.items():
-        assert actual[name].dtype == tensor.dtype and actual[name].shape == tensor.shape, name
-        assert torch.equal(actual[name].view(torch.uint8), tensor.view(torch.uint8)), name  # bit for bit
-
-
-def assert_same_extras(source: Path, result: Path) -> None:
-    assert json.loads((result / "config.json").read_text()) == json.loads((source / "config.json").read_text())
-    for name in ("generation_config.json", *TOKENIZER_FILES):
-        assert (result / name).read_bytes() == (source / name).read_bytes(), name
-
-
-def hf_logits(folder: Path, vocab: int) -> torch.Tensor:
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return model(token_ids(vocab)).logits
 
 
 FAMILY = {family.name: family for family in FAMILIES}

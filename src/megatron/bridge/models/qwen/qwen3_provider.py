@@ -26,8 +26,6 @@ class Qwen3ModelProvider(GPTModelProvider):
     """No bias on the attention output projection or the MLP."""
     kv_channels: int | None = 128
     """Qwen3's `head_dim`, independent of hidden_size / num_attention_heads."""
-    num_query_groups: int | None = 8
-    """Key/value heads (8 in every dense Qwen3)."""
     rotary_base: int = 1_000_000
     """Qwen3's `rope_theta`."""
     seq_length: int = 40960
@@ -50,6 +48,8 @@ class Qwen3ModelProvider600M(Qwen3ModelProvider):
     """Residual stream width."""
     num_attention_heads: int = 16
     """Query heads."""
+    num_query_groups: int | None = 8
+    """Key/value heads."""
     ffn_hidden_size: int | None = 3072
     """MLP inner width."""
     share_embeddings_and_output_weights: bool = True
@@ -66,6 +66,8 @@ class Qwen3ModelProvider1P7B(Qwen3ModelProvider):
     """Residual stream width."""
     num_attention_heads: int = 16
     """Query heads."""
+    num_query_groups: int | None = 8
+    """Key/value heads."""
     ffn_hidden_size: int | None = 6144
     """MLP inner width."""
     share_embeddings_and_output_weights: bool = True
@@ -82,6 +84,8 @@ class Qwen3ModelProvider4B(Qwen3ModelProvider):
     """Residual stream width."""
     num_attention_heads: int = 32
     """Query heads."""
+    num_query_groups: int | None = 8
+    """Key/value heads."""
     ffn_hidden_size: int | None = 9728
     """MLP inner width."""
     share_embeddings_and_output_weights: bool = True
@@ -98,6 +102,8 @@ class Qwen3ModelProvider8B(Qwen3ModelProvider):
     """Residual stream width."""
     num_attention_heads: int = 32
     """Query heads."""
+    num_query_groups: int | None = 8
+    """Key/value heads."""
     ffn_hidden_size: int | None = 12288
     """MLP inner width."""
 
@@ -112,6 +118,8 @@ class Qwen3ModelProvider14B(Qwen3ModelProvider):
     """Residual stream width."""
     num_attention_heads: int = 40
     """Query heads."""
+    num_query_groups: int | None = 8
+    """Key/value heads."""
     ffn_hidden_size: int | None = 17408
     """MLP inner width."""
 
@@ -126,5 +134,7 @@ class Qwen3ModelProvider32B(Qwen3ModelProvider):
     """Residual stream width."""
     num_attention_heads: int = 64
     """Query heads."""
+    num_query_groups: int | None = 8
+    """Key/value heads."""
     ffn_hidden_size: int | None = 25600
     """MLP inner width."""
