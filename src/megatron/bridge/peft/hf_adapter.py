@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -37,6 +36,7 @@ from megatron.bridge.peft.lora import LoRA
 from megatron.bridge.peft.state import adapter_state_dict, unwrap
 from megatron.bridge.peft.targets import TARGET_KINDS, Site, model_sites
 from megatron.bridge.utils.errors import UserError
+from megatron.bridge.utils.parallel import current_layout
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -163,7 +163,7 @@ def save_hf_adapter(model: nn.Module, path: str | os.PathLike, *, peft_config: P
     rank 0 writes).
     """
     state = adapter_state_dict(model)  # gathers FSDP2 shards: every rank takes part
-    if dist.is_initialized() and dist.get_rank() != 0:
+    if not current_layout().is_rank_zero:
         return Path(path)
     return save_hf_adapter_state_dict(state, path, provider=unwrap(model).config, peft_config=peft_config,
                                       base_model_name_or_path=base_model_name_or_path, dtype=dtype,
