@@ -15,7 +15,8 @@ from megatron.bridge.cli import build_config, load_forward_step, main, parse_ove
 from megatron.bridge.training.gpt_step import forward_step
 from megatron.bridge.training.state import GlobalState
 
-RECIPES = ("qwen25_tiny", "qwen25_500m", "qwen25_1p5b", "qwen25_7b")
+RECIPES = ("gemma3_1b", "llama32_1b", "llama32_3b", "llama3_8b", "llama31_8b", "qwen25_500m", "qwen25_1p5b",
+           "qwen25_7b", "qwen25_tiny", "qwen3_600m", "qwen3_1p7b", "qwen3_4b", "qwen3_8b", "qwen3_14b", "qwen3_32b")
 
 
 def test_overrides_are_typed_and_applied_in_order():
@@ -36,7 +37,8 @@ def test_overrides_are_typed_and_applied_in_order():
 def test_recipe_names_with_or_without_suffix():
     assert build_config("qwen25_7b").model.num_layers == 28
     assert build_config("qwen25_1p5b_pretrain_config").model.hidden_size == 1536
-    assert set(RECIPES) <= set(cli.available_recipes())
+    assert tuple(cli.available_recipes()) == RECIPES  # every family's recipes, package by package
+    assert build_config("gemma3_1b").model.window_size == (511, 0)
     with pytest.raises(ValueError, match="--recipe='qwen3' is invalid: choose one of .*qwen25_tiny"):
         build_config("qwen3")
 

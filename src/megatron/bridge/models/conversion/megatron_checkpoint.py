@@ -17,20 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import yaml
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from megatron.bridge import models
 from megatron.bridge.checkpoint import io
 from megatron.bridge.checkpoint.train_state import TrainState
+from megatron.bridge.models import registry
 from megatron.bridge.models.conversion.errors import ConversionError
-from megatron.bridge.models.conversion.hf_config import (
-    config_dtype,
-    dtype_key,
-    hf_config_from_provider,
-    provider_from_hf_config,
-)
+from megatron.bridge.models.conversion.family import ModelFamily
+from megatron.bridge.models.conversion.hf_config import config_dtype, dtype_key, dtype_name
 from megatron.bridge.models.conversion.hf_folder import (
     CONFIG_FILE,
     HFWeights,
@@ -45,11 +40,12 @@ from megatron.bridge.models.conversion.param_mapping import (
     check_layer_count,
     check_tensors,
     megatron_param_shapes,
-    to_hf_name,
 )
 from megatron.bridge.models.conversion.safetensors_io import TensorSpec, write_safetensors_shards
 from megatron.bridge.models.gpt_provider import GPTModelProvider
 from megatron.bridge.utils.config_fields import to_plain
+from megatron.bridge.utils.errors import short_repr
+from megatron.bridge.utils.parallel import current_layout
 from megatron.bridge.utils.safe_yaml import load_yaml_file
 
 MODEL_PREFIX = "model."
@@ -62,7 +58,7 @@ _MAX_ANCESTORS = 16
 
 @contextlib.contextmanager
 def _single_process() -> Iterator[None]:
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if current_layout().world_size > 1:
         raise ConversionError("checkpoint conversion runs in a single process: call it outside torchrun (or on a "
                          "world of one); several ranks would each wait for the others")
     with warnings.catch_warnings():
@@ -83,20 +79,21 @@ def _run_config_dict(provider: GPTModelProvider, tokenizer_folder: Path | None) 
 
 
 def import_weights(weights: HFWeights, provider: GPTModelProvider, megatron_path: str | Path, *,
-                   hf_config: dict[str, Any], hf_files: list[Path], dtype: torch.dtype | None,
+                   family: ModelFamily, hf_config: dict[str, Any], hf_files: list[Path], dtype: torch.dtype | None,
                    overwrite: bool) -> Path:
     """Write `weights` (already checked against `provider`) as the step-0 checkpoint `megatron_path`.
 
-    `hf_config` and `hf_files` (generation config, tokenizer) are kept in `iter_0000000/hf/`.
+    `family` names the tensors; `hf_config` and `hf_files` (generation config, tokenizer) are kept in
+    `iter_0000000/hf/`.
     """
     if dtype is not None:  # the way back should produce the dtype stored here
-        hf_config = {**hf_config, dtype_key(hf_config): str(dtype).removeprefix("torch.")}
+        hf_config = {**hf_config, dtype_key(hf_config): dtype_name(dtype)}
     shapes = megatron_param_shapes(provider)
     with _single_process(), staged_output(megatron_path, overwrite) as root:
         staging = io.prepare_temporary_dir(root, 0)
         tensors = {}
         for name in shapes:
-            tensor = weights.read(to_hf_name(name))
+            tensor = weights.read(family.to_hf_name(name))
             tensors[MODEL_PREFIX + name] = tensor if dtype is None else tensor.to(dtype)
         io.save_tensors(tensors, staging)
         del tensors
@@ -160,22 +157,28 @@ def find_hf_source(directory: Path) -> Path | None:
     return None
 
 
-def _provider_classes() -> dict[str, type[GPTModelProvider]]:
-    # Only the package's own providers are built from a YAML `_target_`: nothing named there is imported.
-    classes = [getattr(models, name) for name in models.__all__ if "Provider" in name]
-    return {f"{c.__module__}.{c.__qualname__}": c for c in classes}
+def _provider_class(target: Any, config_file: Path) -> type[GPTModelProvider]:
+    # Only the registry's provider classes are built from a YAML `_target_`: nothing named there is imported.
+    # Without a `_target_` the section is read as a plain GPTModelProvider (which no family exports).
+    if target is None:
+        return GPTModelProvider
+    classes = registry.provider_classes()
+    if not isinstance(target, str) or target not in classes:
+        known = ", ".join(sorted({cls.__name__ for cls in classes.values()}))
+        raise ConversionError(f"{config_file}: model._target_={short_repr(target)} is not a provider of a family the "
+                              f"bridge converts; known: {known}")
+    return classes[target]
 
 
 def provider_from_run_config(directory: Path) -> GPTModelProvider:
-    """The provider run_config.yaml's model section describes (only known provider classes are built)."""
+    """The provider run_config.yaml's model section describes (only the registry's provider classes are built)."""
     model = _read_run_config(directory).get("model")
     if not isinstance(model, dict):
         raise ConversionError(
             f"{directory} has no {HF_SUBDIR}/{CONFIG_FILE} and no model section in {io.CONFIG_FILE}, and no "
             "checkpoint it was trained from has one: pass source= (--source) naming the original Hugging Face folder"
         )
-    target = model.get("_target_")
-    cls = _provider_classes().get(target, GPTModelProvider) if isinstance(target, str) else GPTModelProvider
+    cls = _provider_class(model.get("_target_"), directory / io.CONFIG_FILE)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     provider = cls(**{key: value for key, value in model.items() if key in names})
     try:
@@ -218,7 +221,7 @@ def _export_config(directory: Path, source: Path | None, dtype: torch.dtype | No
     if hf_folder is not None:
         return read_config(hf_folder), auxiliary_files(hf_folder), hf_folder / CONFIG_FILE
     stored_dtype = next(iter(stored.values())).properties.dtype if stored else torch.float32
-    config = hf_config_from_provider(provider_from_run_config(directory), dtype or stored_dtype)
+    config = registry.hf_config_from_provider(provider_from_run_config(directory), dtype or stored_dtype)
     return config, [], directory / io.CONFIG_FILE
 
 
@@ -232,15 +235,16 @@ def export_weights(megatron_path: str | Path, hf_path: str | Path, *, iteration:
                          f"{io.FORMAT_VERSION})")
     stored = _stored_model_tensors(directory)
     config, extra_files, config_source = _export_config(directory, source, dtype, stored)
-    provider = provider_from_hf_config(config, str(config_source))
+    family = registry.family_of_config(config, str(config_source))
+    provider = family.provider_from_hf_config(config, str(config_source))
     check_layer_count(stored, provider.num_layers, source=f"checkpoint {directory}", expected_from=str(config_source))
     shapes = megatron_param_shapes(provider)
     check_tensors({n: tuple(m.size) for n, m in stored.items()}, shapes, source=f"checkpoint {directory}",
                   expected_from=str(config_source))
     if dtype is not None:
-        config[dtype_key(config)] = str(dtype).removeprefix("torch.")
+        config[dtype_key(config)] = dtype_name(dtype)
     target = dtype or config_dtype(config)
-    plan = [TensorPlan(name, to_hf_name(name), TensorSpec(tuple(shape), target or stored[name].properties.dtype))
+    plan = [TensorPlan(name, family.to_hf_name(name), TensorSpec(tuple(shape), target or stored[name].properties.dtype))
             for name, shape in shapes.items()]
     with _single_process(), staged_output(hf_path, overwrite) as staging:
         write_json_file(staging / CONFIG_FILE, config)

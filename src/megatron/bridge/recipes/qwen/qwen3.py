@@ -1,0 +1,53 @@
+"""Qwen3 pretraining recipes: the common defaults (as upstream's Qwen3 recipes keep them) plus each size."""
+
+from __future__ import annotations
+
+from megatron.bridge.models.gpt_provider import GPTModelProvider
+from megatron.bridge.models.qwen import (
+    Qwen3ModelProvider1P7B,
+    Qwen3ModelProvider4B,
+    Qwen3ModelProvider8B,
+    Qwen3ModelProvider14B,
+    Qwen3ModelProvider32B,
+    Qwen3ModelProvider600M,
+)
+from megatron.bridge.recipes.common import pretrain_common
+from megatron.bridge.training.config import ConfigContainer
+
+SEQ_LENGTH = 4096
+"""Upstream's Qwen3 recipes train on 4096 tokens; the models' context (`seq_length` 40960) is far longer."""
+
+
+def _qwen3(model: GPTModelProvider, **kwargs: str) -> ConfigContainer:
+    model.seq_length = SEQ_LENGTH
+    return pretrain_common(model, **kwargs)
+
+
+def qwen3_600m_pretrain_config(**kwargs: str) -> ConfigContainer:
+    """Qwen3-0.6B on one GPU: seq 4096, global batch 32, micro batch 2, bf16, cosine to 3e-5."""
+    return _qwen3(Qwen3ModelProvider600M(), **kwargs)
+
+
+def qwen3_1p7b_pretrain_config(**kwargs: str) -> ConfigContainer:
+    """Qwen3-1.7B with the same training defaults as the 0.6B recipe."""
+    return _qwen3(Qwen3ModelProvider1P7B(), **kwargs)
+
+
+def qwen3_4b_pretrain_config(**kwargs: str) -> ConfigContainer:
+    """Qwen3-4B with the same training defaults (upstream splits it over 2 GPUs with tensor parallelism)."""
+    return _qwen3(Qwen3ModelProvider4B(), **kwargs)
+
+
+def qwen3_8b_pretrain_config(**kwargs: str) -> ConfigContainer:
+    """Qwen3-8B with the same training defaults (upstream: tensor parallelism 4)."""
+    return _qwen3(Qwen3ModelProvider8B(), **kwargs)
+
+
+def qwen3_14b_pretrain_config(**kwargs: str) -> ConfigContainer:
+    """Qwen3-14B with the same training defaults (upstream: tensor parallelism 8)."""
+    return _qwen3(Qwen3ModelProvider14B(), **kwargs)
+
+
+def qwen3_32b_pretrain_config(**kwargs: str) -> ConfigContainer:
+    """Qwen3-32B with the same training defaults (upstream: tensor parallelism 8, and more)."""
+    return _qwen3(Qwen3ModelProvider32B(), **kwargs)
