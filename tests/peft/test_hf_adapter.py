@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from megatron.bridge import AutoBridge
 from megatron.bridge.models import GPTModelProvider
+from megatron.bridge.models.conversion.peft_adapter import load_hf_adapter, save_hf_adapter, save_hf_adapter_state_dict
 from megatron.bridge.peft import DoRA, LoRA, adapter_state_dict, load_adapter_state_dict, merge
-from megatron.bridge.peft.hf_adapter import load_hf_adapter, save_hf_adapter, save_hf_adapter_state_dict
 from megatron.bridge.utils.errors import UserError
 
 transformers = pytest.importorskip("transformers")

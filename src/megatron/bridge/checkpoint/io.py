@@ -51,7 +51,8 @@ number: a checkpoint without one (written before checksums) is loaded unverified
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 COMMON_FILE = "common.json"
 CONFIG_FILE = "run_config.yaml"
-_ITER_DIR = re.compile(r"^iter_(\d{7,})$")
+ITER_DIR = re.compile(r"^iter_(\d{7,})$")
+"""The name of a complete checkpoint's folder: `iter_` and the step, seven digits or more."""
 _TMP_PREFIX, _TRASH_PREFIX = ".tmp_", ".trash_"
 # Bounds for the files of a checkpoint without a manifest (one written before checksums existed).
 JSON_LIMIT = 1 << 30
@@ -69,14 +70,22 @@ def temporary_dir(root: str | os.PathLike, step: int) -> Path:
     return Path(root) / f"{_TMP_PREFIX}iter_{step:07d}"
 
 
+def step_of(directory: Path) -> int:
+    """The step an `iter_0000007` directory holds."""
+    match = ITER_DIR.match(directory.name)
+    if match is None:
+        raise CheckpointError(f"{directory} is not a checkpoint directory (expected a name like iter_0000010)")
+    return int(match.group(1))
+
+
 def find_latest(root: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint under `root`, `root` itself if it is one, else None."""
     root = Path(root)
-    if _ITER_DIR.match(root.name) and root.is_dir():
+    if ITER_DIR.match(root.name) and root.is_dir():
         return root
     if not root.is_dir():
         return None
-    steps = [int(m.group(1)) for p in root.iterdir() if (m := _ITER_DIR.match(p.name)) and p.is_dir()]
+    steps = [int(m.group(1)) for p in root.iterdir() if (m := ITER_DIR.match(p.name)) and p.is_dir()]
     return iteration_dir(root, max(steps)) if steps else None
 
 
@@ -85,7 +94,7 @@ def list_iterations(root: str | os.PathLike) -> list[int]:
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted(int(m.group(1)) for p in root.iterdir() if (m := _ITER_DIR.match(p.name)) and p.is_dir())
+    return sorted(int(m.group(1)) for p in root.iterdir() if (m := ITER_DIR.match(p.name)) and p.is_dir())
 
 
 def write_file_durably(path: Path, data: bytes) -> None:

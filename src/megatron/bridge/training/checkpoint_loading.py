@@ -166,7 +166,7 @@ class CheckpointReader:
 
     def _verified_manifest(self, directory: Path) -> integrity.Manifest | None:
         # Every rank reads the small manifest and hashes its share of the files; all learn every verdict.
-        manifest = integrity.read_manifest(directory, saved.step_of(directory))
+        manifest = integrity.read_manifest(directory, io.step_of(directory))
         if manifest is None:
             return None
         problems = integrity.verify(directory, manifest, integrity.share(manifest, self.rank, self.world_size))

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from megatron.bridge.models import registry
-from megatron.bridge.models.conversion import megatron_checkpoint
+from megatron.bridge.models.conversion import megatron_checkpoint, peft_adapter
 from megatron.bridge.models.conversion.errors import ConversionError
 from megatron.bridge.models.conversion.family import ModelFamily
 from megatron.bridge.models.conversion.hf_config import config_dtype, dtype_key, dtype_name
@@ -46,6 +46,8 @@ from megatron.bridge.models.conversion.param_mapping import (
 from megatron.bridge.models.conversion.safetensors_io import TensorSpec, parse_size, write_safetensors_shards
 from megatron.bridge.models.decoder import GPTModel
 from megatron.bridge.models.gpt_provider import GPTModelProvider
+from megatron.bridge.peft.base import PEFT
+from megatron.bridge.peft.state import base_parameters, has_adapters, merged_tensor
 from megatron.bridge.utils.parallel import current_layout
 
 ModelLike = nn.Module | Sequence[nn.Module]
@@ -184,7 +186,7 @@ class AutoBridge:
     def _export_plan(
         self, model: ModelLike, dtype: torch.dtype | None
     ) -> tuple[dict[str, nn.Parameter], list[TensorPlan]]:
-        params = _named_parameters(model)
+        params = _named_parameters(model)  # the base's: an adapted model's adapters are folded in or left out
         provider = self.family.provider_from_hf_config(self._config)
         check_layer_count(params, provider.num_layers, source="the model", expected_from=str(self.folder / CONFIG_FILE))
         expected = megatron_param_shapes(provider)
@@ -198,26 +200,31 @@ class AutoBridge:
         return params, plan
 
     def export_hf_weights(
-        self, model: ModelLike, dtype: torch.dtype | None = None
+        self, model: ModelLike, dtype: torch.dtype | None = None, *, merge_adapter_weights: bool = True,
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield `(hf_name, tensor)` one at a time: CPU copies in the source's dtype (or `dtype`).
 
         Accepts a chunk, a list of chunks, or a DDP / FSDP2 / compiled chunk. FSDP2 shards are gathered
-        (`full_tensor()`, a collective: every rank must iterate).
+        (`full_tensor()`, a collective: every rank must iterate). A model with LoRA / DoRA adapters
+        yields its weights with the adapters merged in (`W + alpha/dim * B @ A`), or with
+        `merge_adapter_weights=False` the base weights it was adapted from.
         """
         params, plan = self._export_plan(model, dtype)  # checked now, not at the first next()
-        return _stream(params, plan)
+        return _stream(model, params, plan, merge=merge_adapter_weights)
 
     def save_hf_pretrained(self, model: ModelLike, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
-                           max_shard_size: int | str = "5GB", overwrite: bool = False) -> Path:
+                           max_shard_size: int | str = "5GB", overwrite: bool = False,
+                           merge_adapter_weights: bool = True) -> Path:
         """Write `model` as a Hugging Face folder that `AutoModelForCausalLM.from_pretrained` loads unchanged.
 
         The folder gets the source's config.json (its dtype updated when `dtype` is given), its
         generation_config.json and tokenizer files, and safetensors shards of at most `max_shard_size`
         (with an index when there is more than one). Written atomically; on several ranks rank 0 writes.
+        Adapters are merged into the weights unless `merge_adapter_weights=False` (see `export_hf_weights`;
+        `save_hf_adapter` writes the adapters alone).
         """
         params, plan = self._export_plan(model, dtype)
-        tensors = _stream(params, plan)
+        tensors = _stream(model, params, plan, merge=merge_adapter_weights)
         if not current_layout().is_rank_zero:
             for _ in tensors:  # take part in the FSDP2 gathers, write nothing
                 pass
@@ -232,6 +239,20 @@ class AutoBridge:
             write_safetensors_shards(staging, [(item.hf_name, item.spec) for item in plan], tensors,
                                      parse_size(max_shard_size))
         return Path(path)
+
+    def save_hf_adapter(self, model: ModelLike, path: str | os.PathLike, *, peft_config: PEFT,
+                        base_model_name_or_path: str | None = None, dtype: torch.dtype | None = None,
+                        overwrite: bool = False) -> Path:
+        """Write `model`'s LoRA / DoRA adapters as a Hugging Face PEFT folder (`peft.PeftModel.from_pretrained`).
+
+        The folder holds `adapter_config.json` and `adapter_model.safetensors`; `base_model_name_or_path`
+        (default: this bridge's folder) is what peft loads the base from. Collective under FSDP2.
+        """
+        (chunk,) = _chunks(model)
+        return peft_adapter.save_hf_adapter(
+            chunk, path, peft_config=peft_config, dtype=dtype, overwrite=overwrite,
+            base_model_name_or_path=str(self.folder) if base_model_name_or_path is None else base_model_name_or_path,
+        )
 
     # ------------------------------------------------------------------------- checkpoint conversion
 
@@ -270,6 +291,22 @@ class AutoBridge:
         )
 
 
+    @classmethod
+    def export_adapter_ckpt(cls, peft_checkpoint: str | os.PathLike, output_path: str | os.PathLike, *,
+                            iteration: int | None = None, base_model_name_or_path: str | None = None,
+                            dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
+        """Write the adapters of a LoRA / DoRA run's checkpoint (the latest, or `iteration`) as a PEFT folder.
+
+        No model is built: the adapter tensors are read from the checkpoint, the LoRA / DoRA settings and the
+        architecture from its run_config.yaml. `base_model_name_or_path` (default: the Hugging Face folder the
+        run started from, when the checkpoint knows it) goes into adapter_config.json.
+        """
+        return megatron_checkpoint.export_adapters(
+            peft_checkpoint, output_path, iteration=iteration, base_model_name_or_path=base_model_name_or_path,
+            dtype=dtype, overwrite=overwrite,
+        )
+
+
 # -------------------------------------------------------------------------------- model handling
 
 
@@ -286,16 +323,22 @@ def _chunks(model: ModelLike) -> list[nn.Module]:
 def _named_parameters(model: ModelLike) -> dict[str, nn.Parameter]:
     params: dict[str, nn.Parameter] = {}
     for chunk in _chunks(model):
-        for name, param in chunk.named_parameters():
+        for name, param in base_parameters(chunk).items():
             if name in params:
                 raise ConversionError(f"parameter {name!r} appears in more than one model chunk")
             params[name] = param
     return params
 
 
-def _stream(params: dict[str, nn.Parameter], plan: list[TensorPlan]) -> Iterator[tuple[str, torch.Tensor]]:
+def _stream(model: ModelLike, params: dict[str, nn.Parameter], plan: list[TensorPlan], *,
+            merge: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    (chunk,) = _chunks(model)
+    fold = merge and has_adapters(chunk)
     for name, hf_name, spec in plan:
-        tensor = params[name].detach()
-        if hasattr(tensor, "full_tensor"):  # an FSDP2 shard (DTensor)
-            tensor = tensor.full_tensor()
+        if fold:
+            tensor = merged_tensor(chunk, name)  # gathers FSDP2 shards itself
+        else:
+            tensor = params[name].detach()
+            if hasattr(tensor, "full_tensor"):  # an FSDP2 shard (DTensor)
+                tensor = tensor.full_tensor()
         yield hf_name, tensor.to(device="cpu", dtype=spec.dtype, copy=True)

@@ -20,9 +20,10 @@ import torch
 import yaml
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from megatron.bridge.checkpoint import io
+from megatron.bridge.checkpoint import integrity, io
 from megatron.bridge.checkpoint.train_state import TrainState
 from megatron.bridge.models import registry
+from megatron.bridge.models.conversion import peft_adapter
 from megatron.bridge.models.conversion.errors import ConversionError
 from megatron.bridge.models.conversion.family import ModelFamily
 from megatron.bridge.models.conversion.hf_config import config_dtype, dtype_key, dtype_name
@@ -43,6 +44,8 @@ from megatron.bridge.models.conversion.param_mapping import (
 )
 from megatron.bridge.models.conversion.safetensors_io import TensorSpec, write_safetensors_shards
 from megatron.bridge.models.gpt_provider import GPTModelProvider
+from megatron.bridge.peft.base import peft_from_dict
+from megatron.bridge.peft.state import is_adapter_param
 from megatron.bridge.utils.config_fields import to_plain
 from megatron.bridge.utils.errors import short_repr
 from megatron.bridge.utils.parallel import current_layout
@@ -228,12 +231,14 @@ def _export_config(directory: Path, source: Path | None, dtype: torch.dtype | No
 def export_weights(megatron_path: str | Path, hf_path: str | Path, *, iteration: int | None, source: Path | None,
                    dtype: torch.dtype | None, max_shard_size: int, overwrite: bool) -> Path:
     """Write the model tensors of a checkpoint as the Hugging Face folder `hf_path` (see AutoBridge.export_ckpt)."""
-    directory = _iteration_directory(Path(megatron_path), iteration)
-    common = io.read_json(directory / io.COMMON_FILE)
-    if not isinstance(common, dict) or common.get("format_version") != io.FORMAT_VERSION:
-        raise ConversionError(f"{directory / io.COMMON_FILE}: unknown checkpoint format (expected format_version "
-                         f"{io.FORMAT_VERSION})")
+    directory = _verified_directory(Path(megatron_path), iteration)
     stored = _stored_model_tensors(directory)
+    if stored and all(is_adapter_param(name) for name in stored):
+        raise ConversionError(
+            f"checkpoint {directory} holds the adapters of a LoRA / DoRA run, not a whole model: export them with "
+            "AutoBridge.export_adapter_ckpt (python -m megatron.bridge.convert export-adapter), or load the run's "
+            "model and write it merged with AutoBridge.save_hf_pretrained"
+        )
     config, extra_files, config_source = _export_config(directory, source, dtype, stored)
     family = registry.family_of_config(config, str(config_source))
     provider = family.provider_from_hf_config(config, str(config_source))
@@ -252,3 +257,49 @@ def export_weights(megatron_path: str | Path, hf_path: str | Path, *, iteration:
         write_safetensors_shards(staging, [(item.hf_name, item.spec) for item in plan],
                                  _read_groups(directory, stored, plan), max_shard_size)
     return Path(hf_path)
+
+
+def _verified_directory(root: Path, iteration: int | None) -> Path:
+    # The iteration to read, its files checked against the manifest and its common.json's format.
+    directory = _iteration_directory(root, iteration)
+    manifest = integrity.read_manifest(directory, io.step_of(directory))
+    if manifest is not None:
+        problems = integrity.verify(directory, manifest, integrity.share(manifest, 0, 1))
+        if problems:
+            shown = "; ".join(problems[:4])
+            raise ConversionError(f"checkpoint {directory} is damaged, nothing was converted: {shown}")
+    common = io.read_json(directory / io.COMMON_FILE)
+    if not isinstance(common, dict) or common.get("format_version") != io.FORMAT_VERSION:
+        raise ConversionError(f"{directory / io.COMMON_FILE}: unknown checkpoint format (expected format_version "
+                              f"{io.FORMAT_VERSION})")
+    return directory
+
+
+def export_adapters(megatron_path: str | Path, output_path: str | Path, *, iteration: int | None,
+                    base_model_name_or_path: str | None, dtype: torch.dtype | None, overwrite: bool) -> Path:
+    """Write a LoRA / DoRA run's checkpoint adapters as a PEFT folder (see AutoBridge.export_adapter_ckpt)."""
+    directory = _verified_directory(Path(megatron_path), iteration)
+    run_config = _read_run_config(directory)
+    section = run_config.get("peft")
+    if not isinstance(section, dict):
+        raise ConversionError(f"{directory / io.CONFIG_FILE} has no peft section: {directory} is not a checkpoint "
+                              "of a LoRA or DoRA run (export a whole model with AutoBridge.export_ckpt)")
+    peft_config = peft_from_dict(section)
+    provider = provider_from_run_config(directory)
+    stored = {name: meta for name, meta in _stored_model_tensors(directory).items() if is_adapter_param(name)}
+    if not stored:
+        raise ConversionError(f"checkpoint {directory} holds no adapter tensors")
+    buffers = {MODEL_PREFIX + name: torch.empty(meta.size, dtype=meta.properties.dtype)
+               for name, meta in stored.items()}
+    with _single_process():
+        io.load_tensors(buffers, directory)
+    state = {name[len(MODEL_PREFIX):]: tensor for name, tensor in buffers.items()}
+    if base_model_name_or_path is None:
+        # The Hugging Face folder the run took its base weights from, when run_config.yaml names one.
+        origin = (run_config.get("checkpoint") or {}).get("pretrained_checkpoint")
+        base_model_name_or_path = origin if isinstance(origin, str) and (Path(origin) / CONFIG_FILE).is_file() else None
+    return peft_adapter.save_hf_adapter_state_dict(
+        state, output_path, provider=provider, peft_config=peft_config, base_model_name_or_path=base_model_name_or_path,
+        dtype=dtype, overwrite=overwrite, source=f"checkpoint {directory}",
+    )
+
