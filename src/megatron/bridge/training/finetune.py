@@ -30,6 +30,9 @@ def finetune(
     With `config.peft` (LoRA, DoRA) the base weights come from `pretrained_checkpoint` (or the provider)
     on a resume too: the run's own checkpoints hold the adapters, optimizer and counters only.
 
+    A `HuggingFaceTokenizer` without `tokenizer_model` takes the tokenizer of the Hugging Face folder
+    the base weights come from (the folder itself, or the `hf/` folder `AutoBridge.import_ckpt` keeps).
+
     Raises:
         ConfigError: naming `checkpoint.pretrained_checkpoint` when none of these brings weights, before
             any work starts.
@@ -44,7 +47,24 @@ def finetune(
     # A LoRA run's checkpoints hold its adapters only: even a resume needs the base weights from somewhere.
     if (not resumes or config.peft is not None) and not provider_loads:
         _check_pretrained_checkpoint(ckpt.pretrained_checkpoint, ckpt.load, adapted=config.peft is not None)
+    _default_tokenizer(config)
     pretrain(config, forward_step_func, callbacks)
+
+
+def _default_tokenizer(config: ConfigContainer) -> None:
+    # Before validation: a finetuning run reads text with its base model's tokenizer unless told otherwise.
+    tokenizer, pretrained = config.tokenizer, config.checkpoint.pretrained_checkpoint
+    if tokenizer.tokenizer_type != "HuggingFaceTokenizer" or tokenizer.tokenizer_model or not pretrained:
+        return
+    from megatron.bridge.checkpoint import io as checkpoint_io
+    from megatron.bridge.models.conversion.megatron_checkpoint import find_hf_source
+    from megatron.bridge.training.checkpointing import is_hf_model_folder
+
+    path = Path(pretrained)
+    latest = None if is_hf_model_folder(path) else checkpoint_io.find_latest(path)
+    folder = path if latest is None else find_hf_source(latest)
+    if folder is not None and (folder / "tokenizer.json").is_file():
+        tokenizer.tokenizer_model = str(folder)
 
 
 def _check_pretrained_checkpoint(pretrained: str | None, load: str | None, *, adapted: bool) -> None:

@@ -3,7 +3,9 @@
 from megatron.bridge.recipes.llama.llama3 import (
     llama3_8b_pretrain_config,
     llama31_8b_pretrain_config,
+    llama32_1b_peft_config,
     llama32_1b_pretrain_config,
+    llama32_1b_sft_config,
     llama32_3b_pretrain_config,
 )
 
@@ -12,4 +14,6 @@ __all__ = [
     "llama32_3b_pretrain_config",
     "llama3_8b_pretrain_config",
     "llama31_8b_pretrain_config",
+    "llama32_1b_sft_config",
+    "llama32_1b_peft_config",
 ]

@@ -10,6 +10,7 @@ from megatron.bridge.models.llama import (
     Llama32ModelProvider3B,
 )
 from megatron.bridge.recipes.common import long_schedule, pretrain_common
+from megatron.bridge.recipes.finetune_common import finetune_common
 from megatron.bridge.training.config import ConfigContainer
 
 SEQ_LENGTH = 8192
@@ -39,3 +40,17 @@ def llama3_8b_pretrain_config(**kwargs: str) -> ConfigContainer:
 def llama31_8b_pretrain_config(**kwargs: str) -> ConfigContainer:
     """Llama-3.1-8B with the same training defaults (upstream adds context parallelism 2)."""
     return _llama3(Llama31ModelProvider8B(), **kwargs)
+
+
+def llama32_1b_sft_config(**kwargs: str) -> ConfigContainer:
+    """Full finetuning of Llama-3.2-1B: seq 4096 packed, global batch 8, micro batch 1, lr 5e-6."""
+    cfg = finetune_common(Llama32ModelProvider1B(), seq_length=4096, **kwargs)
+    cfg.train.global_batch_size = 8
+    return cfg
+
+
+def llama32_1b_peft_config(peft_scheme: str = "lora", **kwargs: str) -> ConfigContainer:
+    """LoRA (or `peft_scheme="dora"`) on Llama-3.2-1B: dim 32, alpha 32, lr 1e-4, otherwise as the SFT recipe."""
+    cfg = finetune_common(Llama32ModelProvider1B(), peft_scheme=peft_scheme, seq_length=4096, **kwargs)
+    cfg.train.global_batch_size = 8
+    return cfg

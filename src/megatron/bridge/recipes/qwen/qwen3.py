@@ -12,6 +12,7 @@ from megatron.bridge.models.qwen import (
     Qwen3ModelProvider600M,
 )
 from megatron.bridge.recipes.common import pretrain_common
+from megatron.bridge.recipes.finetune_common import finetune_common
 from megatron.bridge.training.config import ConfigContainer
 
 SEQ_LENGTH = 4096
@@ -51,3 +52,17 @@ def qwen3_14b_pretrain_config(**kwargs: str) -> ConfigContainer:
 def qwen3_32b_pretrain_config(**kwargs: str) -> ConfigContainer:
     """Qwen3-32B with the same training defaults (upstream: tensor parallelism 8, and more)."""
     return _qwen3(Qwen3ModelProvider32B(), **kwargs)
+
+
+def qwen3_600m_sft_config(**kwargs: str) -> ConfigContainer:
+    """Full finetuning of Qwen3-0.6B: seq 2048 packed, global batch 8 (upstream's packed default), lr 5e-6."""
+    cfg = finetune_common(Qwen3ModelProvider600M(), **kwargs)
+    cfg.train.global_batch_size = 8
+    return cfg
+
+
+def qwen3_600m_peft_config(peft_scheme: str = "lora", **kwargs: str) -> ConfigContainer:
+    """LoRA (or `peft_scheme="dora"`) on Qwen3-0.6B: dim 32, alpha 32, lr 1e-4, otherwise as the SFT recipe."""
+    cfg = finetune_common(Qwen3ModelProvider600M(), peft_scheme=peft_scheme, **kwargs)
+    cfg.train.global_batch_size = 8
+    return cfg
