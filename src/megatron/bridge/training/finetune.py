@@ -29,9 +29,11 @@ def finetune(
             any work starts.
     """
     from megatron.bridge.checkpoint import io as checkpoint_io
+    from megatron.bridge.training.checkpointing import require_load_path
     from megatron.bridge.training.pretrain import pretrain
 
     ckpt = config.checkpoint
+    require_load_path(ckpt)
     resumable = ckpt.load or ckpt.save
     provider_loads = any(getattr(hook, "loads_weights", False) for hook in config.model.pre_wrap_hooks)
     if (not resumable or checkpoint_io.find_latest(resumable) is None) and not provider_loads:
