@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from megatron.bridge import cli
-from megatron.bridge.cli import build_config, load_forward_step, main, parse_override, set_field
+from megatron.bridge.cli import build_config, check_config, load_forward_step, main, parse_override, set_field
 from megatron.bridge.training.gpt_step import forward_step
 from megatron.bridge.training.state import GlobalState
 
@@ -59,6 +59,42 @@ def test_a_saved_run_config_reads_back(tmp_path):
     path = tmp_path / "run_config.yaml"
     path.write_text(yaml.safe_dump(original.to_dict()))
     assert build_config("qwen25_tiny", str(path)).to_dict() == original.to_dict()
+
+
+def test_the_run_config_a_training_checkpoint_holds_loads_back_as_config_file(tmp_path, capsys):
+    from helpers import make_tiny_config
+    from megatron.bridge.training.pretrain import pretrain
+
+    pretrain(make_tiny_config(train__train_iters=1, checkpoint__save=str(tmp_path / "ckpt"),
+                              optimizer__lr=2.5e-3, dataset__split="90,5,5"), forward_step)
+    path = tmp_path / "ckpt" / "iter_0000001" / "run_config.yaml"
+    written = yaml.safe_load(path.read_text())
+    config = build_config("qwen25_tiny", config_file=str(path))
+    check_config(config)
+    capsys.readouterr()
+    main(["--recipe", "qwen25_tiny", "--config-file", str(path), "--print-config"])
+    assert yaml.safe_load(capsys.readouterr().out) == written
+
+
+@pytest.mark.parametrize("with_tokenizer", [False, True], ids=["no-tokenizer", "hf-tokenizer"])
+def test_the_run_config_an_imported_checkpoint_holds_loads_back_as_config_file(tmp_path, with_tokenizer):
+    transformers = pytest.importorskip("transformers")
+    from megatron.bridge import AutoBridge
+    from megatron.bridge.data.train_tokenizer import train_tokenizer
+
+    hf = tmp_path / "hf"
+    config = transformers.Qwen2Config(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(hf)
+    if with_tokenizer:
+        (tmp_path / "text.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 20)
+        train_tokenizer([str(tmp_path / "text.txt")], vocab_size=300, output_dir=str(hf))
+    AutoBridge.import_ckpt(hf, tmp_path / "imported")
+    path = tmp_path / "imported" / "iter_0000000" / "run_config.yaml"
+    loaded = build_config("qwen25_tiny", config_file=str(path))
+    check_config(loaded)
+    assert loaded.model.vocab_size == 320 and loaded.model.num_layers == 1
+    assert loaded.tokenizer.tokenizer_type == ("HuggingFaceTokenizer" if with_tokenizer else "NullTokenizer")
 
 
 @pytest.mark.parametrize(("item", "pattern"), [
