@@ -197,9 +197,37 @@ def test_help_lists_the_recipes():
     result = subprocess.run([sys.executable, "-m", "megatron.bridge.pretrain", "--help"], capture_output=True,
                             text=True, timeout=120, cwd=os.getcwd())
     assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: python -m megatron.bridge.pretrain ")
     assert "--recipe" in result.stdout and "--config-file" in result.stdout and "KEY=VALUE" in result.stdout
     for name in RECIPES:
         assert name in result.stdout
+
+
+def test_the_console_script_is_named_as_it_was_typed(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["/opt/venv/bin/megatron-bridge-pretrain", "--help"])
+    with pytest.raises(SystemExit) as info:
+        main()
+    assert info.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: megatron-bridge-pretrain ")
+    monkeypatch.setattr(sys, "argv", ["/opt/venv/bin/megatron-bridge-pretrain", "--recipe", "qwen25_tiny",
+                                      "train.trian_iters=5"])
+    with pytest.raises(SystemExit):
+        main()
+    assert capsys.readouterr().err.startswith("megatron-bridge-pretrain: error: unknown key train.trian_iters")
+
+
+def test_the_tiny_recipe_trains_fewer_steps_than_its_warm_up_with_one_warning(chdir):
+    from megatron.bridge.checkpoint import io as checkpoint_io
+
+    with pytest.warns(UserWarning, match=r"scheduler\.lr_warmup_iters=10 is not shorter than the decay span "
+                                         r"\(3 steps\): warming up over 2 steps instead") as record:
+        main(["--recipe", "qwen25_tiny", "train.train_iters=3", "train.global_batch_size=4", "train.micro_batch_size=4",
+              "model.num_layers=1", "validation.eval_iters=0", "logger.tensorboard_dir=null", "checkpoint.save=ckpt",
+              "checkpoint.save_interval=null"])
+    assert checkpoint_io.list_iterations("ckpt") == [3]
+    # The config is checked twice (by the command line, then by pretrain), from one place: Python shows it once.
+    warm_up = [w for w in record if "lr_warmup_iters" in str(w.message)]
+    assert len({(w.filename, w.lineno) for w in warm_up}) == 1
 
 
 TINY_RUN = ["--recipe", "qwen25_tiny", "train.global_batch_size=4", "train.micro_batch_size=4", "model.num_layers=1",

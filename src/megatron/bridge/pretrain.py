@@ -4,7 +4,7 @@ The command line lives in `megatron.bridge.cli`; this module only makes it runna
 (also under `torchrun -m`). The console script `megatron-bridge-pretrain` runs the same `main`.
 """
 
-from megatron.bridge.cli import main
+from megatron.bridge.cli import MODULE_PROG, main
 
 if __name__ == "__main__":
-    main()
+    main(prog=MODULE_PROG)

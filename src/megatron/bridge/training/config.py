@@ -390,7 +390,7 @@ class ConfigContainer(KnownFieldsOnly):
                 f"scheduler.lr_warmup_iters={scheduler.lr_warmup_iters} is not shorter than the decay span "
                 f"({decay_iters} steps): warming up over {capped_warmup_iters(scheduler.lr_warmup_iters, decay_iters)} "
                 "steps instead; lower scheduler.lr_warmup_iters (or raise train.train_iters) to silence this",
-                UserWarning, stacklevel=3,
+                UserWarning, stacklevel=2,  # one location for every validation: shown once
             )
         if scheduler.weight_decay_incr_style != "constant":
             return
