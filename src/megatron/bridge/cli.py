@@ -33,6 +33,23 @@ from megatron.bridge.training.config import ConfigContainer
 from megatron.bridge.utils.errors import INTERRUPTED_STATUS, ConfigError, UserError, one_line, short_repr
 from megatron.bridge.utils.safe_yaml import YAMLInputError, load_yaml_file, safe_load
 
+__all__ = [
+    "DEFAULT_FORWARD_STEP",
+    "MODULE_PROG",
+    "RECIPE_SUFFIX",
+    "available_recipes",
+    "build_config",
+    "build_parser",
+    "check_config",
+    "invoked_as",
+    "load_forward_step",
+    "load_recipe",
+    "main",
+    "merge_yaml",
+    "parse_override",
+    "set_field",
+]
+
 RECIPE_SUFFIX = "_pretrain_config"
 DEFAULT_FORWARD_STEP = "megatron.bridge.training.gpt_step:forward_step"
 MODULE_PROG = "python -m megatron.bridge.pretrain"

@@ -6,5 +6,7 @@ The command line lives in `megatron.bridge.cli`; this module only makes it runna
 
 from megatron.bridge.cli import MODULE_PROG, main
 
+__all__: list[str] = []  # the `-m` entry point only
+
 if __name__ == "__main__":
     main(prog=MODULE_PROG)

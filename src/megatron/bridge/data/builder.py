@@ -40,6 +40,15 @@ from megatron.bridge.utils.logging import print_rank_0
 if TYPE_CHECKING:
     from megatron.bridge.data.config import GPTDatasetConfig
 
+__all__ = [
+    "Component",
+    "MID_LEVEL_SURPLUS",
+    "build_gpt_datasets",
+    "cache_dir_for",
+    "check_token_ids",
+    "sizes_per_dataset",
+]
+
 # Megatron-LM's `mid_level_dataset_surplus` default: each blended dataset is built this much larger.
 MID_LEVEL_SURPLUS = 0.005
 # (dataset number, samples or None for one epoch) -> that dataset's GPTDataset for the split being built.

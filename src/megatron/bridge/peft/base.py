@@ -27,6 +27,8 @@ from megatron.bridge.peft.layers import INIT_METHODS, AdaptedLinear, LowRankAdap
 from megatron.bridge.peft.targets import ADAPTER_SUFFIX, TARGET_KINDS, Site, model_sites, select_sites
 from megatron.bridge.utils.errors import ConfigError, UserError, config_error
 
+__all__ = ["DROPOUT_POSITIONS", "PEFT", "freeze_summary", "full_tensor", "peft_from_dict"]
+
 DROPOUT_POSITIONS = ("pre", "post")
 
 

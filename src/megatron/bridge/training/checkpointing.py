@@ -51,6 +51,8 @@ from megatron.bridge.utils.errors import ConfigError, short_repr
 from megatron.bridge.utils.logging import print_rank_0
 from megatron.bridge.utils.parallel import current_layout
 
+__all__ = ["CheckpointManager", "estimate_checkpoint_bytes", "missing_load_path", "require_load_path"]
+
 _MODEL, _OPTIM = "model.", "optimizer."
 
 

@@ -37,6 +37,36 @@ from megatron.bridge.utils.config_checks import (
 from megatron.bridge.utils.config_fields import KnownFieldsOnly, UnknownFieldError, to_plain  # noqa: F401
 from megatron.bridge.utils.errors import ConfigError, config_error  # noqa: F401 - re-exported
 
+__all__ = [
+    "CKPT_FORMATS",
+    "CheckpointConfig",
+    "ConfigContainer",
+    "ConfigError",
+    "DATALOADER_TYPES",
+    "DIST_BACKENDS",
+    "DistributedDataParallelConfig",
+    "DistributedInitConfig",
+    "GPTDatasetConfig",
+    "GPTModelProvider",
+    "LR_DECAY_STYLES",
+    "LoggerConfig",
+    "MIXED_PRECISION_RECIPES",
+    "MockGPTDatasetConfig",
+    "NUMPY_SEED_LIMIT",
+    "OPTIMIZERS",
+    "OptimizerConfig",
+    "RNGConfig",
+    "SchedulerConfig",
+    "TOKENIZER_TYPES",
+    "TokenizerConfig",
+    "TrainingConfig",
+    "UnknownFieldError",
+    "ValidationConfig",
+    "WEIGHT_DECAY_INCR_STYLES",
+    "WSD_DECAY_STYLES",
+    "capped_warmup_iters",
+]
+
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "WSD")
 WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
 WEIGHT_DECAY_INCR_STYLES = ("constant", "linear", "cosine")

@@ -24,6 +24,8 @@ from megatron.bridge.utils.logging import print_rank_0
 if TYPE_CHECKING:
     from megatron.bridge.training.setup import SetupOutput
 
+__all__ = ["evaluate"]
+
 
 def evaluate(run: SetupOutput, mode: str) -> dict[str, torch.Tensor] | None:
     """Run `eval_iters` global batches of the validation (`mode="eval"`) or test split.

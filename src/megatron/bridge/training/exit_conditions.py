@@ -40,6 +40,8 @@ from megatron.bridge.training.config import TrainingConfig
 from megatron.bridge.training.state import RunRequests
 from megatron.bridge.utils.parallel import current_layout
 
+__all__ = ["ExitConditions", "SignalCatcher", "StepDecision", "current_signal_catcher"]
+
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _current_catcher: SignalCatcher | None = None
 

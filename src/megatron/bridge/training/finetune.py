@@ -8,6 +8,8 @@ from typing import Any
 from megatron.bridge.training.callbacks import Callback, CallbackManager
 from megatron.bridge.training.config import ConfigContainer
 
+__all__ = ["finetune"]
+
 
 def finetune(
     config: ConfigContainer,

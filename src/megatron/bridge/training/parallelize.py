@@ -23,6 +23,8 @@ from torch.nn.parallel import DistributedDataParallel
 from megatron.bridge.training.config import ConfigContainer
 from megatron.bridge.utils.parallel import ParallelLayout
 
+__all__ = ["parallelize", "reduce_gradients", "set_grad_sync", "should_compile", "uses_fsdp"]
+
 
 def uses_fsdp(cfg: ConfigContainer) -> bool:
     """True when the config asks for sharded parameters and optimizer state."""

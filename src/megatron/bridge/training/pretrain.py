@@ -13,6 +13,8 @@ from megatron.bridge.training.state import GlobalState
 from megatron.bridge.utils.logging import print_rank_0
 from megatron.bridge.utils.parallel import data_parallel_size, launched_world_size
 
+__all__ = ["planned_data_parallel_size", "pretrain"]
+
 
 def pretrain(
     config: ConfigContainer,
