@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from megatron.bridge import cli
-from megatron.bridge.cli import build_config, load_forward_step, main, parse_override, set_field
+from megatron.bridge.cli import build_config, check_config, load_forward_step, main, parse_override, set_field
 from megatron.bridge.training.gpt_step import forward_step
 from megatron.bridge.training.state import GlobalState
 
@@ -61,6 +61,42 @@ def test_a_saved_run_config_reads_back(tmp_path):
     path = tmp_path / "run_config.yaml"
     path.write_text(yaml.safe_dump(original.to_dict()))
     assert build_config("qwen25_tiny", str(path)).to_dict() == original.to_dict()
+
+
+def test_the_run_config_a_training_checkpoint_holds_loads_back_as_config_file(tmp_path, capsys):
+    from helpers import make_tiny_config
+    from megatron.bridge.training.pretrain import pretrain
+
+    pretrain(make_tiny_config(train__train_iters=1, checkpoint__save=str(tmp_path / "ckpt"),
+                              optimizer__lr=2.5e-3, dataset__split="90,5,5"), forward_step)
+    path = tmp_path / "ckpt" / "iter_0000001" / "run_config.yaml"
+    written = yaml.safe_load(path.read_text())
+    config = build_config("qwen25_tiny", config_file=str(path))
+    check_config(config)
+    capsys.readouterr()
+    main(["--recipe", "qwen25_tiny", "--config-file", str(path), "--print-config"])
+    assert yaml.safe_load(capsys.readouterr().out) == written
+
+
+@pytest.mark.parametrize("with_tokenizer", [False, True], ids=["no-tokenizer", "hf-tokenizer"])
+def test_the_run_config_an_imported_checkpoint_holds_loads_back_as_config_file(tmp_path, with_tokenizer):
+    transformers = pytest.importorskip("transformers")
+    from megatron.bridge import AutoBridge
+    from megatron.bridge.data.train_tokenizer import train_tokenizer
+
+    hf = tmp_path / "hf"
+    config = transformers.Qwen2Config(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(hf)
+    if with_tokenizer:
+        (tmp_path / "text.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 20)
+        train_tokenizer([str(tmp_path / "text.txt")], vocab_size=300, output_dir=str(hf))
+    AutoBridge.import_ckpt(hf, tmp_path / "imported")
+    path = tmp_path / "imported" / "iter_0000000" / "run_config.yaml"
+    loaded = build_config("qwen25_tiny", config_file=str(path))
+    check_config(loaded)
+    assert loaded.model.vocab_size == 320 and loaded.model.num_layers == 1
+    assert loaded.tokenizer.tokenizer_type == ("HuggingFaceTokenizer" if with_tokenizer else "NullTokenizer")
 
 
 @pytest.mark.parametrize(("item", "pattern"), [
@@ -163,9 +199,37 @@ def test_help_lists_the_recipes():
     result = subprocess.run([sys.executable, "-m", "megatron.bridge.pretrain", "--help"], capture_output=True,
                             text=True, timeout=120, cwd=os.getcwd())
     assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: python -m megatron.bridge.pretrain ")
     assert "--recipe" in result.stdout and "--config-file" in result.stdout and "KEY=VALUE" in result.stdout
     for name in RECIPES:
         assert name in result.stdout
+
+
+def test_the_console_script_is_named_as_it_was_typed(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["/opt/venv/bin/megatron-bridge-pretrain", "--help"])
+    with pytest.raises(SystemExit) as info:
+        main()
+    assert info.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: megatron-bridge-pretrain ")
+    monkeypatch.setattr(sys, "argv", ["/opt/venv/bin/megatron-bridge-pretrain", "--recipe", "qwen25_tiny",
+                                      "train.trian_iters=5"])
+    with pytest.raises(SystemExit):
+        main()
+    assert capsys.readouterr().err.startswith("megatron-bridge-pretrain: error: unknown key train.trian_iters")
+
+
+def test_the_tiny_recipe_trains_fewer_steps_than_its_warm_up_with_one_warning(chdir):
+    from megatron.bridge.checkpoint import io as checkpoint_io
+
+    with pytest.warns(UserWarning, match=r"scheduler\.lr_warmup_iters=10 is not shorter than the decay span "
+                                         r"\(3 steps\): warming up over 2 steps instead") as record:
+        main(["--recipe", "qwen25_tiny", "train.train_iters=3", "train.global_batch_size=4", "train.micro_batch_size=4",
+              "model.num_layers=1", "validation.eval_iters=0", "logger.tensorboard_dir=null", "checkpoint.save=ckpt",
+              "checkpoint.save_interval=null"])
+    assert checkpoint_io.list_iterations("ckpt") == [3]
+    # The config is checked twice (by the command line, then by pretrain), from one place: Python shows it once.
+    warm_up = [w for w in record if "lr_warmup_iters" in str(w.message)]
+    assert len({(w.filename, w.lineno) for w in warm_up}) == 1
 
 
 TINY_RUN = ["--recipe", "qwen25_tiny", "train.global_batch_size=4", "train.micro_batch_size=4", "model.num_layers=1",

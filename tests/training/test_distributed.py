@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -319,7 +320,10 @@ def test_reference_run_is_a_world_of_one(reference):
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp", "ddp-no-overlap"])
 def test_two_ranks_match_one_rank(worker, reference, tmp_path, mode):
-    records = run_worker(worker, tmp_path / "out", 2, mode, tmp_path / "ckpt")
+    launch = _launch(worker, 2, *_worker_args(tmp_path / "out", mode, tmp_path / "ckpt"))
+    records = _collect(launch, tmp_path / "out", 2)
+    # No warning noise (once DDP's deprecated `broadcast_buffers`, FSDP2's "returned a view tensor").
+    assert re.findall(r"^.*\w+Warning: .*$", launch.output, flags=re.MULTILINE) == []
     _assert_identical_across_ranks(records)
     record = records[0]
     assert [s for s, *_ in record["train"]] == list(range(TRAIN_ITERS))

@@ -19,7 +19,9 @@ import copy
 import dataclasses
 import difflib
 import importlib
+import os
 import pkgutil
+import sys
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -31,8 +33,27 @@ from megatron.bridge.training.config import ConfigContainer
 from megatron.bridge.utils.errors import INTERRUPTED_STATUS, ConfigError, UserError, one_line, short_repr
 from megatron.bridge.utils.safe_yaml import YAMLInputError, load_yaml_file, safe_load
 
+__all__ = [
+    "DEFAULT_FORWARD_STEP",
+    "MODULE_PROG",
+    "RECIPE_SUFFIX",
+    "available_recipes",
+    "build_config",
+    "build_parser",
+    "check_config",
+    "invoked_as",
+    "load_forward_step",
+    "load_recipe",
+    "main",
+    "merge_yaml",
+    "parse_override",
+    "set_field",
+]
+
 RECIPE_SUFFIX = "_pretrain_config"
 DEFAULT_FORWARD_STEP = "megatron.bridge.training.gpt_step:forward_step"
+MODULE_PROG = "python -m megatron.bridge.pretrain"
+"""The command's name when run as a module, and when `main` is given its arguments by a program."""
 
 
 def available_recipes() -> dict[str, Callable[[], ConfigContainer]]:
@@ -245,12 +266,22 @@ def _convert_scalar(value: Any, hint: Any) -> Any:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser; `--help` lists the recipes."""
+def invoked_as(argv: Sequence[str] | None) -> str:
+    """The command's name as the user typed it: the console script's (`megatron-bridge-pretrain`), else `MODULE_PROG`.
+
+    `python -m` and `torchrun -m` put the module's file path in `sys.argv[0]`, and a program calling
+    `main(argv)` has its own; neither is what the user typed, so those get `MODULE_PROG`.
+    """
+    name = os.path.basename(sys.argv[0]) if argv is None and sys.argv and sys.argv[0] else ""
+    return name if name and not name.endswith(".py") and name != "-c" else MODULE_PROG
+
+
+def build_parser(prog: str = MODULE_PROG) -> argparse.ArgumentParser:
+    """The argument parser, named `prog` in its usage and error lines; `--help` lists the recipes."""
     recipes = available_recipes()
     listing = "\n".join(f"  {name:<14} {(fn.__doc__ or '').strip().splitlines()[0]}" for name, fn in recipes.items())
     parser = argparse.ArgumentParser(
-        prog="python -m megatron.bridge.pretrain",
+        prog=prog,
         description="Pretrain a GPT model from a recipe, a YAML file and key=value overrides.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
@@ -271,14 +302,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> None:
     """Run the command line: build and check the config, then `pretrain` it.
 
     A `UserError` ends the process with one line, `<prog>: error: <message>`: status 2 while the config
     is built and checked, 1 once training has started (a checkpoint that does not fit, bad data). Ctrl-C
     prints `<prog>: interrupted` and exits with 130. Anything else is a bug and keeps its traceback.
+    `prog` defaults to how the command was invoked (`invoked_as`).
     """
-    parser = build_parser()
+    parser = build_parser(prog or invoked_as(argv))
     args = parser.parse_args(argv)
     try:
         _run(parser, args)

@@ -20,6 +20,8 @@ import torch
 
 from megatron.bridge.utils.errors import INTERRUPTED_STATUS, UserError, one_line
 
+__all__ = ["build_parser", "main"]
+
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 

@@ -45,6 +45,36 @@ from megatron.bridge.checkpoint.integrity import CheckpointError as CheckpointEr
 from megatron.bridge.utils.errors import UserError
 from megatron.bridge.utils.paths import resolve_inside
 
+__all__ = [
+    "COMMON_FILE",
+    "CONFIG_FILE",
+    "FORMAT_VERSION",
+    "INDEX_LIMIT",
+    "ITER_DIR",
+    "JSON_LIMIT",
+    "SafeFileSystemReader",
+    "TRACKER_FILE",
+    "check_compatible",
+    "check_tracker",
+    "commit",
+    "decode_value",
+    "delete_old",
+    "encode_value",
+    "find_latest",
+    "iteration_dir",
+    "list_iterations",
+    "load_tensors",
+    "prepare_temporary_dir",
+    "read_index",
+    "read_json",
+    "read_tracker",
+    "save_tensors",
+    "step_of",
+    "temporary_dir",
+    "write_file_durably",
+    "write_json",
+]
+
 FORMAT_VERSION = 1
 """The layout's version. `manifest.json` is an addition readers of version 1 ignore, so it kept the
 number: a checkpoint without one (written before checksums) is loaded unverified, with a warning."""

@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+__all__ = ["TrainState"]
+
 
 @dataclass
 class TrainState:

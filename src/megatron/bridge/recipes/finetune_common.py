@@ -32,6 +32,8 @@ from megatron.bridge.training.config import (
 )
 from megatron.bridge.utils.errors import config_error
 
+__all__ = ["PEFT_SCHEMES", "finetune_common", "peft_for_scheme"]
+
 PEFT_SCHEMES = ("lora", "dora")
 SFT_LR, PEFT_LR = 5e-6, 1e-4
 

@@ -38,6 +38,9 @@ from megatron.bridge.training.optim import OptimizerParamScheduler
 from megatron.bridge.training.state import GlobalState
 from megatron.bridge.utils.logging import print_rank_0
 
+__all__ = ["MODEL_PREFIX", "OPTIMIZER_PREFIX", "CheckpointReader", "KeepEntry", "capture_rng",
+           "flatten_optimizer_state", "keep_all", "model_entries", "restore_rng"]
+
 MODEL_PREFIX, OPTIMIZER_PREFIX = "model.", "optimizer."
 
 KeepEntry = Callable[[str], bool]

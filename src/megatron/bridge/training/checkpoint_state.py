@@ -23,6 +23,8 @@ from megatron.bridge.checkpoint.integrity import CheckpointError
 from megatron.bridge.checkpoint.train_state import TrainState
 from megatron.bridge.training.optim import OptimizerParamScheduler, schedule_state_template
 
+__all__ = ["CheckpointFiles", "FIXED_OVERHEAD", "PER_TENSOR_OVERHEAD", "RankState", "rank_file"]
+
 PER_TENSOR_OVERHEAD = 2048
 """Bytes a checkpoint adds per tensor: `torch.save`'s framing in the `.distcp` file and its index entry."""
 FIXED_OVERHEAD = 256 << 10

@@ -10,6 +10,8 @@ from megatron.bridge.training.callbacks import Callback, CallbackManager
 from megatron.bridge.training.config import ConfigContainer
 from megatron.bridge.utils.errors import ConfigError
 
+__all__ = ["finetune"]
+
 
 def finetune(
     config: ConfigContainer,
@@ -38,9 +40,11 @@ def finetune(
             any work starts.
     """
     from megatron.bridge.checkpoint import io as checkpoint_io
+    from megatron.bridge.training.checkpointing import require_load_path
     from megatron.bridge.training.pretrain import pretrain
 
     ckpt = config.checkpoint
+    require_load_path(ckpt)
     resumable = ckpt.load or ckpt.save
     resumes = bool(resumable) and checkpoint_io.find_latest(resumable) is not None
     provider_loads = any(getattr(hook, "loads_weights", False) for hook in config.model.pre_wrap_hooks)

@@ -38,6 +38,18 @@ from megatron.bridge.peft.targets import TARGET_KINDS, Site, model_sites
 from megatron.bridge.utils.errors import UserError
 from megatron.bridge.utils.parallel import current_layout
 
+__all__ = [
+    "ADAPTER_CONFIG_FILE",
+    "ADAPTER_WEIGHTS_FILE",
+    "PEFT_PREFIX",
+    "adapter_config_dict",
+    "hf_adapter_tensors",
+    "load_hf_adapter",
+    "read_adapter_config",
+    "save_hf_adapter",
+    "save_hf_adapter_state_dict",
+]
+
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
