@@ -288,3 +288,39 @@ def test_ctrl_c_ends_a_run_with_one_line_and_status_130(tmp_path):
         run.kill()
     assert run.returncode == 130
     assert err == f"{PROG}: interrupted\n"
+
+
+def test_finetune_lists_and_loads_the_finetuning_recipes():
+    recipes = cli.available_recipes("finetune")
+    assert {"qwen25_500m_sft", "qwen25_500m_peft", "qwen3_600m_sft", "qwen3_600m_peft", "llama32_1b_sft",
+            "llama32_1b_peft", "qwen25_tiny_sft", "qwen25_tiny_peft"} <= set(recipes)
+    assert not set(recipes) & set(cli.available_recipes())  # pretraining recipes are not finetuning ones
+    config = build_config("qwen25_500m_peft_config", overrides=["peft.dim=8"], kind="finetune")
+    settings = (config.peft.dim, config.peft.alpha, config.optimizer.lr, config.train.global_batch_size)
+    assert settings == (8, 32, 1e-4, 128)
+
+
+def test_finetune_refuses_to_start_from_random_weights_in_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.finetune_main(["--recipe", "qwen25_tiny_peft", "dataset.dataset_root=/nowhere"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "checkpoint.pretrained_checkpoint=None is invalid for finetune" in err
+    assert err.startswith("python -m megatron.bridge.finetune: error: ")
+
+
+def test_finetune_runs_the_tiny_lora_recipe_from_a_checkpoint(chdir):
+    base = chdir / "base"
+    main(["--recipe", "qwen25_tiny", "train.train_iters=1", "tokenizer.vocab_size=64", f"checkpoint.save={base}",
+          "validation.eval_iters=0", "logger.tensorboard_dir=null"])
+    data = chdir / "data"
+    data.mkdir()
+    rows = "".join(f'{{"input": "{i} {i + 1} {i + 2}", "output": "{i + 3} {i + 4}"}}\n' for i in range(40))
+    (data / "training.jsonl").write_text(rows)
+    (data / "validation.jsonl").write_text("".join(rows.splitlines(keepends=True)[:8]))
+    cli.finetune_main(["--recipe", "qwen25_tiny_peft", f"checkpoint.pretrained_checkpoint={base}",
+                       f"dataset.dataset_root={data}", "dataset.do_test=false",
+                       "tokenizer.tokenizer_type=NullTokenizer", "tokenizer.vocab_size=64", "train.train_iters=2",
+                       "validation.eval_iters=1",
+                       f"checkpoint.save={chdir / 'lora'}", "logger.tensorboard_dir=null"])
+    assert (chdir / "lora" / "iter_0000002").is_dir()

@@ -10,7 +10,7 @@ from megatron.bridge.training.callbacks import Callback, CallbackManager
 from megatron.bridge.training.config import ConfigContainer
 from megatron.bridge.utils.errors import ConfigError
 
-__all__ = ["finetune"]
+__all__ = ["finetune", "prepare_finetune"]
 
 
 def finetune(
@@ -39,9 +39,20 @@ def finetune(
         ConfigError: naming `checkpoint.pretrained_checkpoint` when none of these brings weights, before
             any work starts.
     """
+    from megatron.bridge.training.pretrain import pretrain
+
+    prepare_finetune(config)
+    pretrain(config, forward_step_func, callbacks)
+
+
+def prepare_finetune(config: ConfigContainer) -> None:
+    """What `finetune` checks and fills in before `pretrain` validates: the command line runs it too.
+
+    Refuses (`ConfigError`) a `checkpoint.load` that does not exist and a run whose weights would be
+    random; gives a `HuggingFaceTokenizer` without `tokenizer_model` the base model's tokenizer.
+    """
     from megatron.bridge.checkpoint import io as checkpoint_io
     from megatron.bridge.training.checkpointing import require_load_path
-    from megatron.bridge.training.pretrain import pretrain
 
     ckpt = config.checkpoint
     require_load_path(ckpt)
@@ -52,7 +63,6 @@ def finetune(
     if (not resumes or config.peft is not None) and not provider_loads:
         _check_pretrained_checkpoint(ckpt.pretrained_checkpoint, ckpt.load, adapted=config.peft is not None)
     _default_tokenizer(config)
-    pretrain(config, forward_step_func, callbacks)
 
 
 def _default_tokenizer(config: ConfigContainer) -> None:
