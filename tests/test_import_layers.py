@@ -5,8 +5,9 @@
     data         utils
     models       checkpoint, utils                    (the decoder, the providers)
     peft         models, utils                        (adapters on the decoder's layers)
-    bridge       models, peft, checkpoint, utils      (models/conversion, models/registry.py, the families'
-                                                       *_bridge.py: Hugging Face in and out)
+    bridge       models, peft, data, checkpoint, utils (models/conversion, models/registry.py, the families'
+                                                       *_bridge.py: Hugging Face in and out; data for the
+                                                       tokenizer of an exported run)
     training     anything below it
     recipes      anything but the command line
     top level    anything (cli.py, convert.py, pretrain.py, finetune.py, __init__.py)
@@ -35,7 +36,7 @@ LAYERS: dict[str, set[str]] = {
     "data": {"data", "utils"},
     "models": {"models", "checkpoint", "utils"},
     "peft": {"peft", "models", "utils"},
-    "bridge": {"bridge", "models", "peft", "checkpoint", "utils"},
+    "bridge": {"bridge", "models", "peft", "data", "checkpoint", "utils"},
     "training": {"training", "bridge", "models", "data", "checkpoint", "peft", "utils"},
     "recipes": {"recipes", "training", "bridge", "models", "data", "checkpoint", "peft", "utils"},
 }

@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from megatron.bridge.checkpoint import integrity, io
 from megatron.bridge.checkpoint.train_state import TrainState
+from megatron.bridge.data.tokenizer import TOKENIZER_CONFIG_FILE, HuggingFaceTokenizer
 from megatron.bridge.models import registry
 from megatron.bridge.models.conversion import peft_adapter
 from megatron.bridge.models.conversion.errors import ConversionError
@@ -29,6 +30,7 @@ from megatron.bridge.models.conversion.family import ModelFamily
 from megatron.bridge.models.conversion.hf_config import config_dtype, dtype_key, dtype_name
 from megatron.bridge.models.conversion.hf_folder import (
     CONFIG_FILE,
+    GENERATION_CONFIG_FILE,
     HFWeights,
     auxiliary_files,
     copy_files,
@@ -47,7 +49,7 @@ from megatron.bridge.models.gpt_provider import GPTModelProvider
 from megatron.bridge.peft.base import peft_from_dict
 from megatron.bridge.peft.state import is_adapter_param
 from megatron.bridge.utils.config_fields import to_plain
-from megatron.bridge.utils.errors import short_repr
+from megatron.bridge.utils.errors import UserError, short_repr
 from megatron.bridge.utils.parallel import current_layout
 from megatron.bridge.utils.safe_yaml import load_yaml_file
 
@@ -218,14 +220,40 @@ def _read_groups(directory: Path, stored: dict[str, TensorStorageMetadata],
 
 
 def _export_config(directory: Path, source: Path | None, dtype: torch.dtype | None,
-                   stored: dict[str, TensorStorageMetadata]) -> tuple[dict[str, Any], list[Path], Path]:
-    """config.json to write, the files to copy beside it, and where the config came from."""
+                   stored: dict[str, TensorStorageMetadata]) -> tuple[dict[str, Any], list[Path], Path, dict[str, Any]]:
+    """config.json to write, the files to copy beside it, where the config came from, and JSON files to add."""
     hf_folder = source if source is not None else find_hf_source(directory)
     if hf_folder is not None:
-        return read_config(hf_folder), auxiliary_files(hf_folder), hf_folder / CONFIG_FILE
+        return read_config(hf_folder), auxiliary_files(hf_folder), hf_folder / CONFIG_FILE, {}
     stored_dtype = next(iter(stored.values())).properties.dtype if stored else torch.float32
     config = registry.hf_config_from_provider(provider_from_run_config(directory), dtype or stored_dtype)
-    return config, [], directory / io.CONFIG_FILE
+    files, written = _run_tokenizer(directory, config)
+    return config, files, directory / io.CONFIG_FILE, written
+
+
+def _run_tokenizer(directory: Path, config: dict[str, Any]) -> tuple[list[Path], dict[str, Any]]:
+    """The tokenizer a run trained with (run_config.yaml's), for a folder rebuilt without its source.
+
+    Its files are copied; config.json gets its `bos_token_id` / `eos_token_id`, and the folder a
+    generation_config.json and a tokenizer_config.json where the tokenizer's folder has none, so that
+    `AutoTokenizer` and `generate` find the ids the run used.
+    """
+    section = _read_run_config(directory).get("tokenizer") or {}
+    if section.get("tokenizer_type") != "HuggingFaceTokenizer" or not section.get("tokenizer_model"):
+        return [], {}
+    try:
+        tokenizer = HuggingFaceTokenizer(section["tokenizer_model"])
+    except UserError as err:
+        raise ConversionError(f"{directory / io.CONFIG_FILE}: the run's tokenizer cannot be exported: {err}") from err
+    folder = Path(tokenizer.path).parent
+    ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eod}
+    config.update({key: value for key, value in ids.items() if value is not None})
+    files = [path for path in auxiliary_files(folder) if path.name != GENERATION_CONFIG_FILE]
+    written: dict[str, Any] = {GENERATION_CONFIG_FILE: {key: value for key, value in ids.items() if value is not None}}
+    if not (folder / TOKENIZER_CONFIG_FILE).is_file():
+        written[TOKENIZER_CONFIG_FILE] = {"tokenizer_class": "PreTrainedTokenizerFast",
+                                          "eos_token": tokenizer.eod_token}
+    return files, written
 
 
 def export_weights(megatron_path: str | Path, hf_path: str | Path, *, iteration: int | None, source: Path | None,
@@ -239,7 +267,7 @@ def export_weights(megatron_path: str | Path, hf_path: str | Path, *, iteration:
             "AutoBridge.export_adapter_ckpt (python -m megatron.bridge.convert export-adapter), or load the run's "
             "model and write it merged with AutoBridge.save_hf_pretrained"
         )
-    config, extra_files, config_source = _export_config(directory, source, dtype, stored)
+    config, extra_files, config_source, written = _export_config(directory, source, dtype, stored)
     family = registry.family_of_config(config, str(config_source))
     provider = family.provider_from_hf_config(config, str(config_source))
     check_layer_count(stored, provider.num_layers, source=f"checkpoint {directory}", expected_from=str(config_source))
@@ -254,6 +282,8 @@ def export_weights(megatron_path: str | Path, hf_path: str | Path, *, iteration:
     with _single_process(), staged_output(hf_path, overwrite) as staging:
         write_json_file(staging / CONFIG_FILE, config)
         copy_files(extra_files, staging)
+        for name, content in written.items():
+            write_json_file(staging / name, content)
         write_safetensors_shards(staging, [(item.hf_name, item.spec) for item in plan],
                                  _read_groups(directory, stored, plan), max_shard_size)
     return Path(hf_path)
