@@ -324,3 +324,13 @@ def test_finetune_runs_the_tiny_lora_recipe_from_a_checkpoint(chdir):
                        "validation.eval_iters=1",
                        f"checkpoint.save={chdir / 'lora'}", "logger.tensorboard_dir=null"])
     assert (chdir / "lora" / "iter_0000002").is_dir()
+
+
+def test_each_recipe_logs_and_saves_in_a_folder_of_its_own(chdir):
+    configs = {name: fn() for kind in ("pretrain", "finetune") for name, fn in cli.available_recipes(kind).items()}
+    folders = {name: (cfg.logger.tensorboard_dir, cfg.checkpoint.save) for name, cfg in configs.items()}
+    assert len({tb for tb, _ in folders.values()}) == len(folders), folders
+    assert len({save for _, save in folders.values()}) == len(folders), folders
+    # The flagship recipe keeps upstream's folder (the api contract's nemo_experiments/default).
+    assert folders["qwen25_500m"] == (str(chdir / "nemo_experiments" / "default" / "tb_logs"),
+                                      str(chdir / "nemo_experiments" / "default" / "checkpoints"))

@@ -9,4 +9,4 @@ from megatron.bridge.training.config import ConfigContainer
 
 def gemma3_1b_pretrain_config(**kwargs: str) -> ConfigContainer:
     """Gemma-3-1B (text): seq 32768, global batch 512, micro batch 1, warm-up 2000, bf16, cosine to 3e-5."""
-    return long_schedule(pretrain_common(Gemma3ModelProvider1B(), **kwargs))
+    return long_schedule(pretrain_common(Gemma3ModelProvider1B(), **{"name": "gemma3_1b", **kwargs}))

@@ -20,22 +20,22 @@ def qwen25_500m_pretrain_config(**kwargs: str) -> ConfigContainer:
 
 def qwen25_1p5b_pretrain_config(**kwargs: str) -> ConfigContainer:
     """Qwen2.5-1.5B with the same training defaults as the 0.5B recipe."""
-    return pretrain_common(Qwen25ModelProvider1P5B(), **kwargs)
+    return pretrain_common(Qwen25ModelProvider1P5B(), **{"name": "qwen25_1p5b", **kwargs})
 
 
 def qwen25_7b_pretrain_config(**kwargs: str) -> ConfigContainer:
     """Qwen2.5-7B with the same training defaults (needs more memory than one GPU without sharding)."""
-    return pretrain_common(Qwen25ModelProvider7B(), **kwargs)
+    return pretrain_common(Qwen25ModelProvider7B(), **{"name": "qwen25_7b", **kwargs})
 
 
 def qwen25_500m_sft_config(**kwargs: str) -> ConfigContainer:
     """Full finetuning of Qwen2.5-0.5B: seq 2048 packed, global batch 128, micro batch 1, lr 5e-6, 100 steps."""
-    return finetune_common(Qwen25ModelProvider500M(), **kwargs)
+    return finetune_common(Qwen25ModelProvider500M(), **{"name": "qwen25_500m_sft", **kwargs})
 
 
 def qwen25_500m_peft_config(peft_scheme: str = "lora", **kwargs: str) -> ConfigContainer:
     """LoRA (or `peft_scheme="dora"`) on Qwen2.5-0.5B: dim 32, alpha 32, lr 1e-4, otherwise as the SFT recipe."""
-    return finetune_common(Qwen25ModelProvider500M(), peft_scheme=peft_scheme, **kwargs)
+    return finetune_common(Qwen25ModelProvider500M(), peft_scheme=peft_scheme, **{"name": "qwen25_500m_peft", **kwargs})
 
 
 def _tiny_model() -> Qwen2ModelProvider:
