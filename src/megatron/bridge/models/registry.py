@@ -22,6 +22,17 @@ from megatron.bridge.models.qwen.qwen2_bridge import QWEN2
 from megatron.bridge.models.qwen.qwen3_bridge import QWEN3
 from megatron.bridge.utils.errors import ConfigError, short_repr
 
+__all__ = [
+    "FAMILIES",
+    "family_of_config",
+    "family_of_provider",
+    "hf_config_from_provider",
+    "hf_tensor_shapes",
+    "provider_classes",
+    "provider_from_hf_config",
+    "supported_architectures",
+]
+
 FAMILIES: tuple[ModelFamily, ...] = (QWEN2, QWEN3, LLAMA, MISTRAL, GEMMA3)
 """Every family, in the order `AutoBridge.list_supported_models()` lists them."""
 

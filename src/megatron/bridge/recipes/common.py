@@ -19,6 +19,8 @@ from megatron.bridge.training.config import (
     ValidationConfig,
 )
 
+__all__ = ["DEFAULT_VOCAB_SIZE", "long_schedule", "pretrain_common"]
+
 DEFAULT_VOCAB_SIZE = 32_000
 
 

@@ -50,6 +50,8 @@ from megatron.bridge.peft.base import PEFT
 from megatron.bridge.peft.state import base_parameters, has_adapters, merged_tensor
 from megatron.bridge.utils.parallel import current_layout
 
+__all__ = ["AutoBridge", "HFWeightLoader", "ModelLike", "check_weights"]
+
 ModelLike = nn.Module | Sequence[nn.Module]
 """A model chunk, a list of chunks, or a chunk wrapped by DDP / FSDP2 / torch.compile."""
 

@@ -33,6 +33,8 @@ from megatron.bridge.models.conversion.param_mapping import (
 from megatron.bridge.models.gpt_provider import GPTModelProvider
 from megatron.bridge.utils.errors import ConfigError, config_error
 
+__all__ = ["PLAIN_DECODER", "ModelFamily", "no_family_error", "read_llama_style", "write_llama_style"]
+
 PLAIN_DECODER: dict[str, Any] = dict(
     normalization="RMSNorm", gated_linear_unit=True, activation_func="silu", position_embedding_type="rope",
     qk_layernorm=False, layernorm_zero_centered_gamma=False, post_self_attn_layernorm=False,

@@ -35,6 +35,26 @@ import torch
 from megatron.bridge.models.gpt_provider import GPTModelProvider
 from megatron.bridge.utils.errors import ConfigError, short_repr
 
+__all__ = [
+    "MAX_SIZES",
+    "ConfigKeys",
+    "check_dtype",
+    "config_dtype",
+    "dtype_key",
+    "dtype_name",
+    "read_activation",
+    "read_common",
+    "read_layer_types",
+    "read_rope",
+    "read_rope_section",
+    "read_sizes",
+    "read_sliding_window",
+    "refuse_sliding_windows",
+    "rope_parameters",
+    "write_common",
+    "write_layer_types",
+]
+
 _DEFAULT_ROPE_TYPES = ("default", None)
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 _FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,

@@ -53,6 +53,16 @@ from megatron.bridge.utils.errors import UserError, short_repr
 from megatron.bridge.utils.parallel import current_layout
 from megatron.bridge.utils.safe_yaml import load_yaml_file
 
+__all__ = [
+    "HF_SUBDIR",
+    "MODEL_PREFIX",
+    "export_adapters",
+    "export_weights",
+    "find_hf_source",
+    "import_weights",
+    "provider_from_run_config",
+]
+
 MODEL_PREFIX = "model."
 """Key prefix of model tensors in a checkpoint."""
 HF_SUBDIR = "hf"

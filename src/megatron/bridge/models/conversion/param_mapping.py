@@ -23,6 +23,24 @@ from megatron.bridge.models.decoder import GPTModel
 from megatron.bridge.models.gpt_provider import GPTModelProvider
 from megatron.bridge.utils.errors import short_repr
 
+__all__ = [
+    "EMBEDDING_ROW",
+    "FINAL_NORM_ROW",
+    "IGNORED_HF_NAMES",
+    "OUTPUT_ROW",
+    "TIED_OUTPUT_NAME",
+    "NameMapping",
+    "TensorPlan",
+    "attention_rows",
+    "check_layer_count",
+    "check_tensors",
+    "hf_name_of",
+    "layer_row",
+    "megatron_name_of",
+    "megatron_param_shapes",
+    "mlp_rows",
+]
+
 _LAYER = "{layer}"
 
 

@@ -48,6 +48,8 @@ from megatron.bridge.models.gemma.gemma3_provider import Gemma3ModelProvider, Ge
 from megatron.bridge.models.gpt_provider import GPTModelProvider
 from megatron.bridge.utils.errors import config_error
 
+__all__ = ["GEMMA3", "MODEL_TYPE", "NAME_ROWS", "read_config", "write_config"]
+
 NAME_ROWS = (
     EMBEDDING_ROW,
     layer_row("input_layernorm.weight", "input_layernorm.weight"),

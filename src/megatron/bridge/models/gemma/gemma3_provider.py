@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from megatron.bridge.models.gpt_provider import GPTModelProvider
 
+__all__ = ["Gemma3ModelProvider", "Gemma3ModelProvider1B"]
+
 
 @dataclass(kw_only=True)
 class Gemma3ModelProvider(GPTModelProvider):

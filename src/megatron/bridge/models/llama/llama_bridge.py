@@ -28,6 +28,8 @@ from megatron.bridge.models.llama.llama_provider import (
 )
 from megatron.bridge.utils.errors import ConfigError, config_error
 
+__all__ = ["LLAMA", "NAME_ROWS", "read_config", "write_config"]
+
 NAME_ROWS = (
     EMBEDDING_ROW,
     layer_row("input_layernorm.weight", "input_layernorm.weight"),

@@ -7,6 +7,15 @@ from typing import Any
 
 from megatron.bridge.models.gpt_provider import GPTModelProvider
 
+__all__ = [
+    "Llama31ModelProvider8B",
+    "Llama32ModelProvider1B",
+    "Llama32ModelProvider3B",
+    "Llama3ModelProvider8B",
+    "LlamaModelProvider",
+    "llama3_rope_scaling",
+]
+
 
 def llama3_rope_scaling(factor: float, original_max_position_embeddings: int = 8192) -> dict[str, Any]:
     """Llama 3.1 / 3.2's `rope_scaling`: frequency bands split at 1x and 4x the original context."""

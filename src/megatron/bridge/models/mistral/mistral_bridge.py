@@ -22,6 +22,8 @@ from megatron.bridge.models.conversion.param_mapping import (
 from megatron.bridge.models.gpt_provider import GPTModelProvider
 from megatron.bridge.models.mistral.mistral_provider import MistralModelProvider, MistralModelProvider7B
 
+__all__ = ["MISTRAL", "NAME_ROWS", "read_config", "write_config"]
+
 NAME_ROWS = (
     EMBEDDING_ROW,
     layer_row("input_layernorm.weight", "input_layernorm.weight"),

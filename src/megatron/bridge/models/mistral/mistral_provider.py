@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from megatron.bridge.models.gpt_provider import GPTModelProvider
 
+__all__ = ["MistralModelProvider", "MistralModelProvider7B"]
+
 
 @dataclass(kw_only=True)
 class MistralModelProvider(GPTModelProvider):

@@ -26,6 +26,8 @@ from megatron.bridge.models.qwen.qwen2_provider import (
     Qwen25ModelProvider500M,
 )
 
+__all__ = ["NAME_ROWS", "QWEN2", "read_config", "write_config"]
+
 NAME_ROWS = (
     EMBEDDING_ROW,
     layer_row("input_layernorm.weight", "input_layernorm.weight"),

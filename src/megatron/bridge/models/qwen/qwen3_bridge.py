@@ -30,6 +30,8 @@ from megatron.bridge.models.qwen.qwen3_provider import (
     Qwen3ModelProvider600M,
 )
 
+__all__ = ["NAME_ROWS", "QWEN3", "read_config", "write_config"]
+
 NAME_ROWS = (
     EMBEDDING_ROW,
     layer_row("input_layernorm.weight", "input_layernorm.weight"),

@@ -6,6 +6,16 @@ from dataclasses import dataclass
 
 from megatron.bridge.models.gpt_provider import GPTModelProvider
 
+__all__ = [
+    "Qwen3ModelProvider",
+    "Qwen3ModelProvider14B",
+    "Qwen3ModelProvider1P7B",
+    "Qwen3ModelProvider32B",
+    "Qwen3ModelProvider4B",
+    "Qwen3ModelProvider600M",
+    "Qwen3ModelProvider8B",
+]
+
 
 @dataclass(kw_only=True)
 class Qwen3ModelProvider(GPTModelProvider):

@@ -6,6 +6,8 @@ from megatron.bridge.models.gemma import Gemma3ModelProvider1B
 from megatron.bridge.recipes.common import long_schedule, pretrain_common
 from megatron.bridge.training.config import ConfigContainer
 
+__all__ = ["gemma3_1b_pretrain_config"]
+
 
 def gemma3_1b_pretrain_config(**kwargs: str) -> ConfigContainer:
     """Gemma-3-1B (text): seq 32768, global batch 512, micro batch 1, warm-up 2000, bf16, cosine to 3e-5."""

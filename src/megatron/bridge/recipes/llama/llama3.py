@@ -13,6 +13,16 @@ from megatron.bridge.recipes.common import long_schedule, pretrain_common
 from megatron.bridge.recipes.finetune_common import finetune_common
 from megatron.bridge.training.config import ConfigContainer
 
+__all__ = [
+    "SEQ_LENGTH",
+    "llama31_8b_pretrain_config",
+    "llama32_1b_peft_config",
+    "llama32_1b_pretrain_config",
+    "llama32_1b_sft_config",
+    "llama32_3b_pretrain_config",
+    "llama3_8b_pretrain_config",
+]
+
 SEQ_LENGTH = 8192
 """Llama 3's pretraining context, for the model and the dataset alike."""
 

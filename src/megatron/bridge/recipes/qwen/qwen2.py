@@ -12,6 +12,17 @@ from megatron.bridge.recipes.common import pretrain_common
 from megatron.bridge.recipes.finetune_common import finetune_common
 from megatron.bridge.training.config import ConfigContainer
 
+__all__ = [
+    "qwen25_1p5b_pretrain_config",
+    "qwen25_500m_peft_config",
+    "qwen25_500m_pretrain_config",
+    "qwen25_500m_sft_config",
+    "qwen25_7b_pretrain_config",
+    "qwen25_tiny_peft_config",
+    "qwen25_tiny_pretrain_config",
+    "qwen25_tiny_sft_config",
+]
+
 
 def qwen25_500m_pretrain_config(**kwargs: str) -> ConfigContainer:
     """Qwen2.5-0.5B on one GPU: seq 4096, global batch 32, micro batch 2, bf16, cosine to 3e-5."""

@@ -15,6 +15,18 @@ from megatron.bridge.recipes.common import pretrain_common
 from megatron.bridge.recipes.finetune_common import finetune_common
 from megatron.bridge.training.config import ConfigContainer
 
+__all__ = [
+    "SEQ_LENGTH",
+    "qwen3_14b_pretrain_config",
+    "qwen3_1p7b_pretrain_config",
+    "qwen3_32b_pretrain_config",
+    "qwen3_4b_pretrain_config",
+    "qwen3_600m_peft_config",
+    "qwen3_600m_pretrain_config",
+    "qwen3_600m_sft_config",
+    "qwen3_8b_pretrain_config",
+]
+
 SEQ_LENGTH = 4096
 """Upstream's Qwen3 recipes train on 4096 tokens; the models' context (`seq_length` 40960) is far longer."""
 
