@@ -16,11 +16,11 @@ if TYPE_CHECKING:
     from megatron.bridge.training.setup import SetupOutput
 
 
-def evaluate(run: SetupOutput, mode: str) -> dict[str, torch.Tensor] | None:
+def evaluate(run: SetupOutput, mode: str, *, final: bool = False) -> dict[str, torch.Tensor] | None:
     """Run `eval_iters` global batches of the validation (`mode="eval"`) or test split.
 
     Returns {"lm loss": 0-dim tensor}, the token-weighted mean over every step and rank, or None
-    when there is nothing to evaluate.
+    when there is nothing to evaluate. `final`: the pass after training (labelled as such).
     """
     assert mode in ("eval", "test"), mode
     data_iterator = run.data.valid if mode == "eval" else run.data.test
@@ -28,7 +28,7 @@ def evaluate(run: SetupOutput, mode: str) -> dict[str, torch.Tensor] | None:
     if data_iterator is None or eval_iters == 0:
         return None
     total_loss_dict = _run_pass(run, mode, data_iterator, eval_iters)
-    log_eval_losses(run.state, "validation" if mode == "eval" else "test", total_loss_dict)
+    log_eval_losses(run.state, "validation" if mode == "eval" else "test", total_loss_dict, final=final)
     return total_loss_dict
 
 
