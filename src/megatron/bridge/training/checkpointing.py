@@ -324,7 +324,7 @@ class CheckpointManager:
         self._reader.load_weights(pretrained, model)
 
     def resume_directory(self) -> Path | None:
-        """The checkpoint `resume()` continues from: the newest of `load` (or `save`); None without one, or finetuning."""
+        """The checkpoint `resume()` continues from: the newest in `load` (or `save`); None if none or finetuning."""
         return None if self.config.finetune else self._resume_source()
 
     def resume(self) -> None:

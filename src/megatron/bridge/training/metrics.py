@@ -251,9 +251,9 @@ class MetricsLogger:
         remaining = spent / max(self.totals.steps, 1) * max(self.state.cfg.train.train_iters - step, 0)
         parts = [f"time elapsed: {_clock(spent)}", f"ETA: {_clock(remaining)}"]
         if self.device.type == "cuda":
-            parts.append(f"peak allocated memory (GB): {torch.cuda.max_memory_allocated(self.device) / 1e9:.2f}")
+            parts.append(f"peak allocated memory (GiB): {torch.cuda.max_memory_allocated(self.device) / 2**30:.2f}")
         else:
-            parts.append(f"memory RSS (GB): {resident_bytes() / 1e9:.2f}")
+            parts.append(f"memory RSS (GiB): {resident_bytes() / 2**30:.2f}")
         return parts
 
     def _report_timers(self, step: int, steps: int) -> None:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from megatron.bridge.checkpoint import io
+from megatron.bridge.checkpoint.lock import format_bytes
 from megatron.bridge.training.memory import MemoryEstimate, device_memory_bytes
 from megatron.bridge.utils.config_fields import to_plain
 from megatron.bridge.utils.logging import is_rank_zero, print_rank_0
@@ -32,7 +33,6 @@ if TYPE_CHECKING:
     from megatron.bridge.training.metrics import RunTotals
 
 _MISSING = object()
-_GB = 1e9
 
 
 @contextlib.contextmanager
@@ -151,8 +151,8 @@ def describe_run(cfg: ConfigContainer, model: torch.nn.Module, layout: ParallelL
         f"global batch {cfg.train.global_batch_size} = {num_microbatches} micro-batches of "
         f"{cfg.train.micro_batch_size} x {layout.data_parallel_size} data-parallel ranks\n"
         f"> parallel layout: world {layout.world_size} = data-parallel {layout.data_parallel_size} x "
-        f"tensor-parallel {layout.tensor_parallel_size}; this rank: {layout.rank} on {layout.device}, "
-        f"{torch.get_num_threads()} CPU threads"
+        f"tensor-parallel {layout.tensor_parallel_size}; rank {layout.rank} on {layout.device}, "
+        f"CPU threads per rank: {torch.get_num_threads()}"
     )
 
 
@@ -162,20 +162,20 @@ def print_memory_estimate(estimate: MemoryEstimate, cfg: ConfigContainer, layout
     if not is_rank_zero():
         return
     mbs, seq = cfg.train.micro_batch_size, cfg.model.seq_length
-    line = (f"> memory per rank (estimate): weights {estimate.weights / _GB:.2f} GB, gradients "
-            f"{estimate.gradients / _GB:.2f} GB, optimizer state {estimate.optimizer / _GB:.2f} GB, activations "
-            f"{estimate.activations / _GB:.2f} GB (micro-batch {mbs} x {seq} tokens); "
-            f"total {estimate.total / _GB:.2f} GB")
+    line = (f"> memory per rank (estimate): weights {format_bytes(estimate.weights)}, gradients "
+            f"{format_bytes(estimate.gradients)}, optimizer state {format_bytes(estimate.optimizer)}, activations "
+            f"{format_bytes(estimate.activations)} (micro-batch {mbs} x {seq} tokens); "
+            f"total {format_bytes(estimate.total)}")
     has = device_memory_bytes(layout.device)
     # CPU ranks on one machine share its RAM; every GPU rank has its own device.
     sharing = ranks_per_machine if layout.device.type == "cpu" else 1
     where = "GPU memory" if layout.device.type == "cuda" else "RAM"
     if has is not None:
-        line += f" of {has / _GB:.1f} GB {where}" + (f" shared by {sharing} ranks" if sharing > 1 else "")
+        line += f" of {format_bytes(has)} {where}" + (f" shared by {sharing} ranks" if sharing > 1 else "")
     print(line, flush=True)
     if has is not None and estimate.total * sharing > has:
-        print(f"> warning: this run needs about {estimate.total * sharing / _GB:.1f} GB, more than the "
-              f"{has / _GB:.1f} GB of {where} it has: lower train.micro_batch_size or model.seq_length, set "
+        print(f"> warning: this run needs about {format_bytes(estimate.total * sharing)}, more than the "
+              f"{format_bytes(has)} of {where} it has: lower train.micro_batch_size or model.seq_length, set "
               "model.recompute_granularity='full', or shard with ddp.use_distributed_optimizer=True "
               "on more ranks", flush=True)
 
