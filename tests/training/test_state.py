@@ -6,6 +6,7 @@ import dataclasses
 import time
 
 import pytest
+import torch
 
 from helpers import make_tiny_config
 from megatron.bridge.training.state import GlobalState, Timers, TrainState
@@ -34,17 +35,47 @@ def test_train_state_state_dict_round_trip():
                     floating_point_operations_so_far=1.5e12, do_train=True, do_valid=True, do_test=False)
     sd = ts.state_dict()
     assert type(sd) is dict
-    assert sd["step"] == 7 and sd["consumed_train_samples"] == 28 and sd["skipped_train_samples"] == 4
-    assert all(isinstance(v, (bool, int, float)) for v in sd.values())
+    assert sd["step"].item() == 7 and sd["consumed_train_samples"].item() == 28
+    assert sd["skipped_train_samples"].item() == 4
 
     restored = TrainState()
     restored.load_state_dict(sd)
     assert restored == ts
-    assert restored.state_dict() == sd
+    assert {k: v.item() for k, v in restored.state_dict().items()} == {k: v.item() for k, v in sd.items()}
 
-    # The dict is a copy: changing it later does not change the state.
-    sd["step"] = 100
+    # The tensors are new: changing them later does not change the state.
+    sd["step"] += 100
     assert ts.step == 7
+
+
+def test_train_state_state_dict_holds_megatron_bridges_0_dim_tensors():
+    sd = TrainState(step=3, floating_point_operations_so_far=2.5, do_valid=True).state_dict()
+    dtypes = {name: value.dtype for name, value in sd.items()}
+    assert dtypes == {"step": torch.int64, "consumed_train_samples": torch.int64, "skipped_train_samples": torch.int64,
+                      "consumed_valid_samples": torch.int64, "floating_point_operations_so_far": torch.float64,
+                      "do_train": torch.bool, "do_valid": torch.bool, "do_test": torch.bool}
+    assert all(value.dim() == 0 and value.device.type == "cpu" for value in sd.values())
+
+
+@pytest.mark.parametrize("flops", [3000.5, torch.tensor(3000.5, dtype=torch.float64)], ids=["number", "tensor"])
+def test_train_state_load_keeps_fractional_flops(flops):
+    ts = TrainState()
+    ts.load_state_dict({"floating_point_operations_so_far": flops, "step": torch.tensor(5), "do_test": True})
+    assert ts.floating_point_operations_so_far == 3000.5
+    assert type(ts.floating_point_operations_so_far) is float and type(ts.step) is int and ts.step == 5
+    assert ts.do_test is True
+
+
+@pytest.mark.parametrize(("entry", "words"), [
+    ({"step": 2.5}, "whole number"), ({"step": True}, "finite number"), ({"do_train": 2}, "true or false"),
+    ({"floating_point_operations_so_far": float("nan")}, "finite number"), ({"step": torch.tensor([1, 2])}, "2 elements"),
+])
+def test_train_state_load_refuses_values_of_the_wrong_kind_and_changes_nothing(entry, words):
+    ts = TrainState(consumed_train_samples=12)
+    with pytest.raises(ValueError, match=words) as err:
+        ts.load_state_dict({"consumed_train_samples": 99, **entry})
+    assert next(iter(entry)) in str(err.value)
+    assert ts.consumed_train_samples == 12
 
 
 def test_train_state_load_rejects_unknown_keys():
