@@ -68,7 +68,8 @@ def test_train_state_load_keeps_fractional_flops(flops):
 
 @pytest.mark.parametrize(("entry", "words"), [
     ({"step": 2.5}, "whole number"), ({"step": True}, "finite number"), ({"do_train": 2}, "true or false"),
-    ({"floating_point_operations_so_far": float("nan")}, "finite number"), ({"step": torch.tensor([1, 2])}, "2 elements"),
+    ({"floating_point_operations_so_far": float("nan")}, "finite number"),
+    ({"step": torch.tensor([1, 2])}, "2 elements"),
 ])
 def test_train_state_load_refuses_values_of_the_wrong_kind_and_changes_nothing(entry, words):
     ts = TrainState(consumed_train_samples=12)

@@ -244,9 +244,10 @@ class StepTimer(Callback):
         timers = context.state.timers
         timers("my-step").stop()
         if (context.state.train_state.step + 1) % 5 == 0:
-            timers.log(["my-step"], normalizer=5)  # on every rank: the times are gathered
+            # On every rank (the times are gathered); write first: it keeps the totals, log resets them.
             timers.write(["my-step"], context.state.tensorboard_logger, context.state.train_state.step + 1,
-                         normalizer=5, reset=True)
+                         normalizer=5)
+            timers.log(["my-step"], normalizer=5)
 
 
 def test_the_guide_s_megatron_style_timer_callback(chdir, capsys):
