@@ -9,6 +9,9 @@ import pytest
 import torch
 
 from helpers import make_tiny_config
+from megatron.bridge.training.callbacks import Callback
+from megatron.bridge.training.gpt_step import forward_step
+from megatron.bridge.training.pretrain import pretrain
 from megatron.bridge.training.state import GlobalState, Timers, TrainState
 
 # ------------------------------------------------------------------------------------------ TrainState
@@ -90,6 +93,36 @@ def test_train_state_partial_load_keeps_other_fields():
     ts.load_state_dict({"step": 3})
     assert ts.step == 3
     assert ts.consumed_train_samples == 12
+
+
+class AddQuarterFlop(Callback):
+    """Adds 0.25 FLOP per step: a fraction the counter must keep through a checkpoint."""
+
+    def on_train_step_end(self, context):
+        context.state.train_state.floating_point_operations_so_far += 0.25
+
+
+class FlopsAtStart(Callback):
+    def on_train_start(self, context):
+        self.flops = context.state.train_state.floating_point_operations_so_far
+
+
+def test_fractional_flops_survive_a_checkpoint_whose_common_json_stays_plain_json(chdir):
+    import json
+
+    save = str(chdir / "ckpt")
+    pretrain(make_tiny_config(train__train_iters=2, validation__eval_iters=0, checkpoint__save=save), forward_step,
+             callbacks=[AddQuarterFlop()])
+    saved = json.loads((chdir / "ckpt" / "iter_0000002" / "common.json").read_text())["train_state"]
+    # The tensors of state_dict() are written as the plain numbers and booleans checkpoints always held.
+    assert type(saved["step"]) is int and saved["step"] == 2 and saved["consumed_train_samples"] == 8
+    assert saved["do_train"] is True and saved["do_test"] is False
+    flops = saved["floating_point_operations_so_far"]
+    assert type(flops) is float and flops % 1 == 0.5
+    seen = FlopsAtStart()
+    pretrain(make_tiny_config(train__train_iters=3, validation__eval_iters=0, checkpoint__save=save,
+                              checkpoint__load=save), forward_step, callbacks=[seen])
+    assert seen.flops == flops
 
 
 # ---------------------------------------------------------------------------------------------- Timers
@@ -219,3 +252,13 @@ def test_do_train_valid_test_are_set_from_the_config_at_start(overrides, expecte
     probe = WhatRuns()
     pretrain(make_tiny_config(train__train_iters=1, **overrides), forward_step, callbacks=probe.manager)
     assert probe.seen == expected
+
+
+def test_global_state_timers_follow_the_logger_s_timing_level():
+    from megatron.bridge.training.timers import DummyTimer, Timer
+
+    assert isinstance(GlobalState(make_tiny_config()).timers("fwd", log_level=1), DummyTimer)  # default level 0
+    state = GlobalState(make_tiny_config(logger__timing_log_level=1, logger__timing_log_option="all"))
+    assert isinstance(state.timers("fwd", log_level=1), Timer)
+    assert isinstance(state.timers("finer", log_level=2), DummyTimer)
+    assert state.timers.get_all_timers_string(["fwd"]) is None  # nothing measured yet
