@@ -5,9 +5,10 @@ because the format records it: the Hugging Face bridge writes a step-0 checkpoin
 training loop.
 
 As in Megatron Bridge, `state_dict()` gives 0-dim tensors: counters, a float64 FLOP count and bool
-flags. The counters are int64 (Megatron Bridge's are int32, which a long run's sample count outgrows;
-`.item()` gives the same Python int). `common.json` holds them as plain JSON numbers and booleans (`checkpoint.io.write_json`
-writes a 0-dim tensor as its value), so a checkpoint reads the same as before they were tensors.
+flags. The counters are int64 (Megatron Bridge's are int32, which a long run's sample count
+outgrows; `.item()` gives the same Python int). `common.json` holds them as plain JSON numbers and
+booleans (`checkpoint.io.write_json` writes a 0-dim tensor as its value), so a checkpoint reads the
+same as before they were tensors.
 """
 
 from __future__ import annotations

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import gc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -128,12 +127,19 @@ def train_step(run: SetupOutput) -> StepResult:
     return StepResult(loss_dict=loss_dict, outcome=outcome, num_tokens=tokens)
 
 
-@contextlib.contextmanager
-def _timed(timers: Timers, name: str) -> Iterator[None]:
-    timer = timers(name, log_level=1)
-    timer.start()
-    yield
-    timer.stop()
+class _timed:  # noqa: N801 - used like a function in a `with` statement
+    """A level-1 timer around a phase of the step (a class: cheaper per step than a generator)."""
+
+    __slots__ = ("timer",)
+
+    def __init__(self, timers: Timers, name: str) -> None:
+        self.timer = timers(name, log_level=1)
+
+    def __enter__(self) -> None:
+        self.timer.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.timer.stop()
 
 
 def _divide_grads(model: list[torch.nn.Module], divisor: torch.Tensor) -> None:
