@@ -270,3 +270,14 @@ def test_differences_from_defaults_name_the_sections_whose_class_changed():
     assert found["train.train_iters"] == (9, None)
     assert found["peft"] == ("LoRA", None) and found["peft.dim"] == (4, 32)
     assert "peft.alpha" not in found and "logger.callback_time_warning_share" not in found
+
+
+def test_a_field_without_a_default_is_listed_as_such(capsys):
+    from megatron.bridge.data.sft.config import GPTSFTDatasetConfig
+
+    cfg = make_tiny_config()
+    cfg.dataset = GPTSFTDatasetConfig(seq_length=32)
+    found = {name: default for name, _, default in run_report.differences_from_defaults(cfg)}
+    assert found["dataset.seq_length"] is run_report.NO_DEFAULT
+    run_report.print_config_differences(cfg)
+    assert re.search(r"\n    dataset\.seq_length \.+ 32  \(no default\)\n", capsys.readouterr().out)

@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from megatron.bridge.training.config import ConfigContainer
     from megatron.bridge.training.metrics import RunTotals
 
+NO_DEFAULT = object()
+"""The default `differences_from_defaults` reports for a field that has none."""
 _MISSING = object()
 
 
@@ -83,23 +85,26 @@ def _container_default(spec: dataclasses.Field) -> Any:
         return spec.default
     if spec.default_factory is not dataclasses.MISSING:
         return spec.default_factory()
-    return _MISSING
+    return NO_DEFAULT
 
 
 def differences_from_defaults(cfg: ConfigContainer) -> list[tuple[str, Any, Any]]:
-    """(dotted name, value, default) for every setting that differs from its section class's default."""
+    """(dotted name, value, default) for every setting that differs from its section class's default.
+
+    The default is `NO_DEFAULT` for a field that has none.
+    """
     found = []
     for spec in dataclasses.fields(cfg):
         value, default = getattr(cfg, spec.name), _container_default(spec)
         if not dataclasses.is_dataclass(value):
-            if default is _MISSING or value != default:
-                found.append((spec.name, value, None if default is _MISSING else default))
+            if default is NO_DEFAULT or value != default:
+                found.append((spec.name, value, default))
             continue
-        if default is not _MISSING and type(default) is not type(value):
+        if default is not NO_DEFAULT and type(default) is not type(value):
             found.append((spec.name, type(value).__name__, type(default).__name__ if default is not None else None))
         now, base = _flatten(to_plain(value), spec.name), _flatten(_class_defaults(value), spec.name)
-        found += [(key, now[key], base.get(key)) for key in now
-                  if not key.endswith("._target_") and now[key] != base.get(key, _MISSING)]
+        found += [(key, now[key], base.get(key, NO_DEFAULT)) for key in now
+                  if not key.endswith("._target_") and now[key] != base.get(key, NO_DEFAULT)]
     return found
 
 
@@ -110,7 +115,8 @@ def print_config_differences(cfg: ConfigContainer) -> None:
     found = differences_from_defaults(cfg)
     lines = [f"> settings that differ from their defaults (the model's: {type(cfg.model).__name__}'s; "
              f"the other sections': their config classes'), {len(found)}:"]
-    lines += [_row(name, f"{_show(value)}  (default: {_show(default)})") for name, value, default in found]
+    lines += [_row(name, f"{_show(value)}  ({'no default' if default is NO_DEFAULT else f'default: {_show(default)}'})")
+              for name, value, default in found]
     print("\n".join(lines), flush=True)
 
 
