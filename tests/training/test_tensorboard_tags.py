@@ -112,3 +112,12 @@ def test_skipped_samples_are_written_once_a_step_was_skipped(chdir):
                               logger__tensorboard_dir=str(chdir / "tb")), nan_at_step(1))
     skipped = _events(chdir / "tb").Scalars("skipped-train-samples")
     assert [(e.step, e.value) for e in skipped] == [(2, GBS), (3, GBS)]  # the NaN step is iteration 2
+
+
+def test_the_loss_scale_can_be_left_out(chdir):
+    pretrain(make_tiny_config(train__train_iters=3, validation__eval_iters=0, logger__tensorboard_log_interval=3,
+                              logger__log_loss_scale_to_tensorboard=False, logger__tensorboard_dir=str(chdir / "tb")),
+             forward_step)
+    events = _events(chdir / "tb")
+    assert _steps(events, "lm loss") == [3]
+    assert not [tag for tag in events.Tags()["scalars"] if tag.startswith("loss-scale")]
