@@ -97,6 +97,47 @@ def test_start_stop_elapsed_and_reset_follow_megatron(clock):
     assert not timer.active and timer.elapsed(reset=False) == 0.0
 
 
+class FakeEvent:
+    """Stands in for `torch.cuda.Event` (no GPU here): the fake device passes an event when told to."""
+
+    passed_up_to = 0.0  # the device has run everything recorded up to this fake time
+    synchronized = 0
+
+    def __init__(self, enable_timing=False):
+        assert enable_timing
+        self.time = None
+
+    def record(self):
+        self.time = FakeEvent.clock.now
+
+    def query(self):
+        return self.time <= FakeEvent.passed_up_to
+
+    def synchronize(self):
+        FakeEvent.synchronized += 1
+        FakeEvent.passed_up_to = max(FakeEvent.passed_up_to, self.time)
+
+    def elapsed_time(self, end):
+        assert self.query() and end.query(), "CUDA refuses elapsed_time before both events were reached"
+        return 1000.0 * (end.time - self.time)
+
+
+def test_while_cuda_is_in_use_a_timer_records_events_and_waits_only_when_read(clock, monkeypatch):
+    import torch
+
+    FakeEvent.clock, FakeEvent.passed_up_to, FakeEvent.synchronized = clock, 0.0, 0
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(timers_module, "_cuda_in_use", lambda: True)
+    timer = Timers()("forward-backward", log_level=1)
+    for _ in range(3):
+        _run(timer, clock, 2.0)
+    assert FakeEvent.synchronized == 0 and len(timer._pending) == 3  # the device is behind: nothing waited for
+    FakeEvent.passed_up_to = clock.now
+    _run(timer, clock, 1.0)  # a stop folds what the device has passed, still without waiting
+    assert FakeEvent.synchronized == 0 and len(timer._pending) == 1
+    assert timer.elapsed() == 7.0 and FakeEvent.synchronized == 1  # the read waits for the last stop
+
+
 # --------------------------------------------------------------------------------- log and write
 
 
