@@ -42,24 +42,30 @@ RUN_DIR = os.path.join(os.getcwd(), "runs", "demo")
 PROMPTS = ("def ", "    def __init__(self", "        if ")
 
 
+def print_once(message: str) -> None:
+    """Print on rank 0 only: every event fires on every rank (docs/callbacks.md, "Distributed training")."""
+    if dist.get_rank() == 0:
+        print(message)
+
+
 class MyCallback(Callback):
-    """The guide's class-based example."""
+    """The guide's class-based example, printing on rank 0 only."""
 
     def on_train_start(self, context):
         context.user_state["start_time"] = time.time()
-        print(f"Training started at step {context.state.train_state.step}")
+        print_once(f"Training started at step {context.state.train_state.step}")
 
     def on_train_step_end(self, context):
         if context.loss_dict and context.state.train_state.step % 100 == 99:
-            print(f"Step {context.state.train_state.step}: loss={context.loss_dict}")
+            print_once(f"Step {context.state.train_state.step}: loss={context.loss_dict}")
 
     def on_train_end(self, context):
         elapsed = time.time() - context.user_state["start_time"]
-        print(f"Training completed in {elapsed:.2f}s")
+        print_once(f"Training completed in {elapsed:.2f}s")
 
 
 class StepCounterCallback(Callback):
-    """The guide's user_state example."""
+    """The guide's user_state example, printing on rank 0 only."""
 
     def on_train_start(self, context):
         context.user_state["callback_step_count"] = 0
@@ -68,7 +74,7 @@ class StepCounterCallback(Callback):
         context.user_state["callback_step_count"] += 1
 
     def on_train_end(self, context):
-        print(f"Callback saw {context.user_state['callback_step_count']} steps")
+        print_once(f"Callback saw {context.user_state['callback_step_count']} steps")
 
 
 def record_loss(context):
@@ -179,7 +185,7 @@ def main() -> None:
     manager.register("on_train_step_end", record_loss)
     manager.register("on_train_end", keep_model)
     manager.register("on_eval_end", report_eval)
-    manager.register("on_test_end", lambda ctx: print(f"Test loss: {float(ctx.total_loss_dict['lm loss']):.3f}"))
+    manager.register("on_test_end", lambda ctx: print_once(f"Test loss: {float(ctx.total_loss_dict['lm loss']):.3f}"))
 
     pretrain(config, forward_step, callbacks=manager)
 

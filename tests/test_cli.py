@@ -11,11 +11,12 @@ import pytest
 import yaml
 
 from megatron.bridge import cli
-from megatron.bridge.cli import build_config, load_forward_step, main, parse_override, set_field
+from megatron.bridge.cli import build_config, check_config, load_forward_step, main, parse_override, set_field
 from megatron.bridge.training.gpt_step import forward_step
 from megatron.bridge.training.state import GlobalState
 
-RECIPES = ("qwen25_tiny", "qwen25_500m", "qwen25_1p5b", "qwen25_7b")
+RECIPES = ("gemma3_1b", "llama32_1b", "llama32_3b", "llama3_8b", "llama31_8b", "qwen25_500m", "qwen25_1p5b",
+           "qwen25_7b", "qwen25_tiny", "qwen3_600m", "qwen3_1p7b", "qwen3_4b", "qwen3_8b", "qwen3_14b", "qwen3_32b")
 
 
 def test_overrides_are_typed_and_applied_in_order():
@@ -36,7 +37,8 @@ def test_overrides_are_typed_and_applied_in_order():
 def test_recipe_names_with_or_without_suffix():
     assert build_config("qwen25_7b").model.num_layers == 28
     assert build_config("qwen25_1p5b_pretrain_config").model.hidden_size == 1536
-    assert set(RECIPES) <= set(cli.available_recipes())
+    assert tuple(cli.available_recipes()) == RECIPES  # every family's recipes, package by package
+    assert build_config("gemma3_1b").model.window_size == (511, 0)
     with pytest.raises(ValueError, match="--recipe='qwen3' is invalid: choose one of .*qwen25_tiny"):
         build_config("qwen3")
 
@@ -59,6 +61,42 @@ def test_a_saved_run_config_reads_back(tmp_path):
     path = tmp_path / "run_config.yaml"
     path.write_text(yaml.safe_dump(original.to_dict()))
     assert build_config("qwen25_tiny", str(path)).to_dict() == original.to_dict()
+
+
+def test_the_run_config_a_training_checkpoint_holds_loads_back_as_config_file(tmp_path, capsys):
+    from helpers import make_tiny_config
+    from megatron.bridge.training.pretrain import pretrain
+
+    pretrain(make_tiny_config(train__train_iters=1, checkpoint__save=str(tmp_path / "ckpt"),
+                              optimizer__lr=2.5e-3, dataset__split="90,5,5"), forward_step)
+    path = tmp_path / "ckpt" / "iter_0000001" / "run_config.yaml"
+    written = yaml.safe_load(path.read_text())
+    config = build_config("qwen25_tiny", config_file=str(path))
+    check_config(config)
+    capsys.readouterr()
+    main(["--recipe", "qwen25_tiny", "--config-file", str(path), "--print-config"])
+    assert yaml.safe_load(capsys.readouterr().out) == written
+
+
+@pytest.mark.parametrize("with_tokenizer", [False, True], ids=["no-tokenizer", "hf-tokenizer"])
+def test_the_run_config_an_imported_checkpoint_holds_loads_back_as_config_file(tmp_path, with_tokenizer):
+    transformers = pytest.importorskip("transformers")
+    from megatron.bridge import AutoBridge
+    from megatron.bridge.data.train_tokenizer import train_tokenizer
+
+    hf = tmp_path / "hf"
+    config = transformers.Qwen2Config(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(hf)
+    if with_tokenizer:
+        (tmp_path / "text.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 20)
+        train_tokenizer([str(tmp_path / "text.txt")], vocab_size=300, output_dir=str(hf))
+    AutoBridge.import_ckpt(hf, tmp_path / "imported")
+    path = tmp_path / "imported" / "iter_0000000" / "run_config.yaml"
+    loaded = build_config("qwen25_tiny", config_file=str(path))
+    check_config(loaded)
+    assert loaded.model.vocab_size == 320 and loaded.model.num_layers == 1
+    assert loaded.tokenizer.tokenizer_type == ("HuggingFaceTokenizer" if with_tokenizer else "NullTokenizer")
 
 
 @pytest.mark.parametrize(("item", "pattern"), [
@@ -161,9 +199,37 @@ def test_help_lists_the_recipes():
     result = subprocess.run([sys.executable, "-m", "megatron.bridge.pretrain", "--help"], capture_output=True,
                             text=True, timeout=120, cwd=os.getcwd())
     assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: python -m megatron.bridge.pretrain ")
     assert "--recipe" in result.stdout and "--config-file" in result.stdout and "KEY=VALUE" in result.stdout
     for name in RECIPES:
         assert name in result.stdout
+
+
+def test_the_console_script_is_named_as_it_was_typed(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["/opt/venv/bin/megatron-bridge-pretrain", "--help"])
+    with pytest.raises(SystemExit) as info:
+        main()
+    assert info.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: megatron-bridge-pretrain ")
+    monkeypatch.setattr(sys, "argv", ["/opt/venv/bin/megatron-bridge-pretrain", "--recipe", "qwen25_tiny",
+                                      "train.trian_iters=5"])
+    with pytest.raises(SystemExit):
+        main()
+    assert capsys.readouterr().err.startswith("megatron-bridge-pretrain: error: unknown key train.trian_iters")
+
+
+def test_the_tiny_recipe_trains_fewer_steps_than_its_warm_up_with_one_warning(chdir):
+    from megatron.bridge.checkpoint import io as checkpoint_io
+
+    with pytest.warns(UserWarning, match=r"scheduler\.lr_warmup_iters=10 is not shorter than the decay span "
+                                         r"\(3 steps\): warming up over 2 steps instead") as record:
+        main(["--recipe", "qwen25_tiny", "train.train_iters=3", "train.global_batch_size=4", "train.micro_batch_size=4",
+              "model.num_layers=1", "validation.eval_iters=0", "logger.tensorboard_dir=null", "checkpoint.save=ckpt",
+              "checkpoint.save_interval=null"])
+    assert checkpoint_io.list_iterations("ckpt") == [3]
+    # The config is checked twice (by the command line, then by pretrain), from one place: Python shows it once.
+    warm_up = [w for w in record if "lr_warmup_iters" in str(w.message)]
+    assert len({(w.filename, w.lineno) for w in warm_up}) == 1
 
 
 TINY_RUN = ["--recipe", "qwen25_tiny", "train.global_batch_size=4", "train.micro_batch_size=4", "model.num_layers=1",
@@ -222,3 +288,49 @@ def test_ctrl_c_ends_a_run_with_one_line_and_status_130(tmp_path):
         run.kill()
     assert run.returncode == 130
     assert err == f"{PROG}: interrupted\n"
+
+
+def test_finetune_lists_and_loads_the_finetuning_recipes():
+    recipes = cli.available_recipes("finetune")
+    assert {"qwen25_500m_sft", "qwen25_500m_peft", "qwen3_600m_sft", "qwen3_600m_peft", "llama32_1b_sft",
+            "llama32_1b_peft", "qwen25_tiny_sft", "qwen25_tiny_peft"} <= set(recipes)
+    assert not set(recipes) & set(cli.available_recipes())  # pretraining recipes are not finetuning ones
+    config = build_config("qwen25_500m_peft_config", overrides=["peft.dim=8"], kind="finetune")
+    settings = (config.peft.dim, config.peft.alpha, config.optimizer.lr, config.train.global_batch_size)
+    assert settings == (8, 32, 1e-4, 128)
+
+
+def test_finetune_refuses_to_start_from_random_weights_in_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.finetune_main(["--recipe", "qwen25_tiny_peft", "dataset.dataset_root=/nowhere"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "checkpoint.pretrained_checkpoint=None is invalid for finetune" in err
+    assert err.startswith("python -m megatron.bridge.finetune: error: ")
+
+
+def test_finetune_runs_the_tiny_lora_recipe_from_a_checkpoint(chdir):
+    base = chdir / "base"
+    main(["--recipe", "qwen25_tiny", "train.train_iters=1", "tokenizer.vocab_size=64", f"checkpoint.save={base}",
+          "validation.eval_iters=0", "logger.tensorboard_dir=null"])
+    data = chdir / "data"
+    data.mkdir()
+    rows = "".join(f'{{"input": "{i} {i + 1} {i + 2}", "output": "{i + 3} {i + 4}"}}\n' for i in range(40))
+    (data / "training.jsonl").write_text(rows)
+    (data / "validation.jsonl").write_text("".join(rows.splitlines(keepends=True)[:8]))
+    cli.finetune_main(["--recipe", "qwen25_tiny_peft", f"checkpoint.pretrained_checkpoint={base}",
+                       f"dataset.dataset_root={data}", "dataset.do_test=false",
+                       "tokenizer.tokenizer_type=NullTokenizer", "tokenizer.vocab_size=64", "train.train_iters=2",
+                       "validation.eval_iters=1",
+                       f"checkpoint.save={chdir / 'lora'}", "logger.tensorboard_dir=null"])
+    assert (chdir / "lora" / "iter_0000002").is_dir()
+
+
+def test_each_recipe_logs_and_saves_in_a_folder_of_its_own(chdir):
+    configs = {name: fn() for kind in ("pretrain", "finetune") for name, fn in cli.available_recipes(kind).items()}
+    folders = {name: (cfg.logger.tensorboard_dir, cfg.checkpoint.save) for name, cfg in configs.items()}
+    assert len({tb for tb, _ in folders.values()}) == len(folders), folders
+    assert len({save for _, save in folders.values()}) == len(folders), folders
+    # The flagship recipe keeps upstream's folder (the api contract's nemo_experiments/default).
+    assert folders["qwen25_500m"] == (str(chdir / "nemo_experiments" / "default" / "tb_logs"),
+                                      str(chdir / "nemo_experiments" / "default" / "checkpoints"))

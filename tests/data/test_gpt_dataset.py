@@ -288,10 +288,30 @@ def test_token_range_scan_is_cached(write_dataset, monkeypatch):
         build_gpt_datasets(config(prefix), num_samples=(4, 0, 0), vocab_size=900, eod=EOD)
 
 
-def test_split_without_documents_is_rejected(write_dataset):
+def test_split_without_documents_is_rejected_saying_which_split_works(write_dataset):
     prefix = write_dataset(DOCS[:3])
-    with pytest.raises(DatasetError, match=r"the valid split of .*ds has no documents \(3 in the dataset"):
+    with pytest.raises(DatasetError, match=r"the validation split of .*ds has no documents: dataset.split='969,30,1' "
+                                           r"gives it documents \[3, 3\) of the 3 in the dataset; set dataset.split "
+                                           r"so that each split gets documents, e.g. dataset.split=34,33,33 \(this "
+                                           r"dataset has 3 documents\)"):
         build_gpt_datasets(config(prefix, split="969,30,1"), num_samples=(4, 4, 0), vocab_size=1000, eod=EOD)
+    with pytest.raises(DatasetError, match=r"has only 2 documents, too few for three splits: add documents, or set "
+                                           r"dataset.split=100,0,0"):
+        build_gpt_datasets(config(write_dataset(DOCS[:2], name="two"), split="98,1,1"), num_samples=(4, 4, 4),
+                           vocab_size=1000, eod=EOD)
+
+
+def test_a_split_without_data_is_announced_when_passes_ask_for_it(write_dataset, capsys):
+    train, valid, test = build_gpt_datasets(config(write_dataset(DOCS), split="100,0,0"), num_samples=(4, 4, 4),
+                                            vocab_size=1000, eod=EOD)
+    assert train is not None and valid is None and test is None
+    out = capsys.readouterr().out
+    assert ("> dataset.split='100,0,0' gives the validation split no data: no validation passes run, though "
+            "validation.eval_iters asks for 4 samples") in out
+    assert "gives the test split no data: no test passes run" in out
+    build_gpt_datasets(config(write_dataset(DOCS, name="again"), split="100,0,0"), num_samples=(4, 0, 0),
+                       vocab_size=1000, eod=EOD)
+    assert "no data" not in capsys.readouterr().out  # nothing asked for, nothing to say
 
 
 def test_split_smaller_than_one_sample_is_rejected(write_dataset):

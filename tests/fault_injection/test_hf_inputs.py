@@ -17,15 +17,14 @@ import torch
 
 from megatron.bridge import AutoBridge
 from megatron.bridge.convert import main as convert_main
-from megatron.bridge.models.conversion.hf_config import provider_from_hf_config
 from megatron.bridge.models.conversion.hf_folder import MAX_JSON_BYTES
-from megatron.bridge.models.conversion.param_mapping import hf_tensor_shapes
 from megatron.bridge.models.conversion.safetensors_io import (
     INDEX_FILE,
     SafetensorsReader,
     TensorSpec,
     write_safetensors_shards,
 )
+from megatron.bridge.models.registry import hf_tensor_shapes, provider_from_hf_config
 from megatron.bridge.utils.errors import UserError
 
 CONFIG = {

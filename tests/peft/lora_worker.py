@@ -19,9 +19,9 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from megatron.bridge.models.conversion.peft_adapter import save_hf_adapter
 from megatron.bridge.peft import DoRA, LoRA, adapter_state_dict, base_parameters, is_adapter_param, merged_state_dict
 from megatron.bridge.peft.base import full_tensor
-from megatron.bridge.peft.hf_adapter import save_hf_adapter
 from megatron.bridge.recipes.qwen import qwen25_tiny_pretrain_config
 from megatron.bridge.training.config import DistributedInitConfig
 from megatron.bridge.training.distributed import initialize, teardown

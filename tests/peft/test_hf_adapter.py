@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -13,8 +14,9 @@ from peft_helpers import train_steps
 from safetensors.torch import load_file, save_file
 
 from megatron.bridge import AutoBridge
+from megatron.bridge.models import GPTModelProvider
+from megatron.bridge.models.conversion.peft_adapter import load_hf_adapter, save_hf_adapter, save_hf_adapter_state_dict
 from megatron.bridge.peft import DoRA, LoRA, adapter_state_dict, load_adapter_state_dict, merge
-from megatron.bridge.peft.hf_adapter import load_hf_adapter, save_hf_adapter, save_hf_adapter_state_dict
 from megatron.bridge.utils.errors import UserError
 
 transformers = pytest.importorskip("transformers")
@@ -184,6 +186,13 @@ def test_existing_folders_are_kept_unless_overwrite(exports, tmp_path):
     prefixed = {f"model.{name}": t for name, t in adapter_state_dict(model).items()}  # a checkpoint's raw keys
     with pytest.raises(UserError, match=r"holds tensors that are no adapter of this model: model\.layers\.0\."):
         save_hf_adapter_state_dict(prefixed, tmp_path / "wrong", provider=model.config, peft_config=config)
+    assert not (tmp_path / "wrong").exists()
+    # Hugging Face module names come from the model's family; a provider of none has no names to give.
+    fields = dataclasses.fields(GPTModelProvider)
+    familyless = GPTModelProvider(**{f.name: getattr(model.config, f.name) for f in fields})
+    with pytest.raises(UserError, match=r"GPTModelProvider belongs to no model family .*qwen2 \(Qwen2ForCausalLM"):
+        save_hf_adapter_state_dict(adapter_state_dict(model), tmp_path / "wrong", provider=familyless,
+                                   peft_config=config)
     assert not (tmp_path / "wrong").exists()
 
 

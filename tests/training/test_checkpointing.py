@@ -527,13 +527,22 @@ def test_pretrained_checkpoint_without_a_checkpoint_raises_naming_the_path(tmp_p
     assert list(empty.iterdir()) == []
 
 
-@pytest.mark.parametrize("exists", [True, False], ids=["empty-dir", "missing-dir"])
-def test_load_dir_without_a_checkpoint_starts_fresh_and_says_so(tmp_path, capsys, exists):
+@pytest.mark.parametrize("where", ["empty-dir", "missing-dir", "missing-save-dir"])
+def test_load_dir_without_a_checkpoint_starts_fresh_and_says_so(tmp_path, capsys, where):
     load = tmp_path / "nothing"
-    if exists:
+    if where == "empty-dir":
         load.mkdir()
-    recorder = run(tiny_config(train__train_iters=2, checkpoint__load=str(load)))
-    assert "no checkpoint found" in capsys.readouterr().out
+    # The same folder as checkpoint.save: a first run, which creates it; elsewhere a missing folder is a typo.
+    save = str(load) if where == "missing-save-dir" else None
+    recorder = run(tiny_config(train__train_iters=2, checkpoint__load=str(load), checkpoint__save=save))
+    out = capsys.readouterr().out
+    if where == "missing-dir":
+        assert (f"> WARNING: checkpoint.load={str(load)!r} does not exist (a typo?): nothing is resumed and training "
+                "starts from random weights") in out
+        assert "no checkpoint found" not in out
+    else:
+        assert f"no checkpoint found in checkpoint.load={str(load)!r}; starting from scratch" in out
+        assert "WARNING" not in out
     assert recorder.start["step"] == 0
     assert recorder.count("on_train_step_start") == 2
 

@@ -147,6 +147,26 @@ def test_skip_train_allows_train_iters_none():
     cfg.validate()
 
 
+def test_skip_train_with_train_iters_none_runs_the_validation_and_test_passes():
+    manager = CallbackManager()
+    seen: list[str] = []
+    for event in ("on_train_start", "on_eval_end", "on_test_end"):
+        manager.register(event, lambda context, event=event: seen.append(event))
+    pretrain(make_tiny_config(train__train_iters=None, validation__skip_train=True), forward_step, manager)
+    assert seen == ["on_eval_end", "on_test_end"]
+
+
+def test_a_missing_wandb_is_refused_at_start(monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "wandb" else real_find_spec(name, *args))
+    with pytest.raises(ConfigError, match=r"logger\.wandb_project='demo' is invalid: None, or install wandb first"):
+        pretrain(make_tiny_config(logger__wandb_project="demo"), forward_step)
+    assert not dist.is_initialized()  # before any work, not at the first validation
+
+
 def test_valid_tiny_config_validates():
     make_tiny_config().validate()
 

@@ -17,6 +17,7 @@ from megatron.bridge.training.config import ConfigContainer
 from megatron.bridge.training.finetune import finetune
 from megatron.bridge.training.gpt_step import forward_step
 from megatron.bridge.training.pretrain import pretrain
+from megatron.bridge.utils.errors import ConfigError
 
 transformers = pytest.importorskip("transformers")
 
@@ -143,7 +144,9 @@ def test_finetune_without_weights_to_start_from_is_refused(hf_folder, tmp_path):
     with pytest.raises(ValueError, match=r"checkpoint\.pretrained_checkpoint=None is invalid for finetune: "
                                          r"checkpoint\.load is None"):
         finetune(cfg, forward_step)
-    cfg.checkpoint.load = str(tmp_path / "empty")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cfg.checkpoint.load = str(empty)
     with pytest.raises(ValueError, match=r"checkpoint\.load='.*empty' holds no checkpoint.*set "
                                          r"checkpoint\.pretrained_checkpoint"):
         finetune(cfg, forward_step)
@@ -151,4 +154,14 @@ def test_finetune_without_weights_to_start_from_is_refused(hf_folder, tmp_path):
     with pytest.raises(ValueError, match=r"checkpoint\.pretrained_checkpoint='.*nothing-here' is invalid: it holds "
                                          "no checkpoint"):
         finetune(cfg, forward_step)
-    assert not dist.is_initialized() and not (tmp_path / "empty").exists()  # refused before any work
+    assert not dist.is_initialized() and list(empty.iterdir()) == []  # refused before any work
+
+
+def test_finetune_refuses_a_checkpoint_load_that_does_not_exist(hf_folder, imported, tmp_path):
+    # A typo in checkpoint.load would silently drop the resume; with weights to start from, it is still refused.
+    typo = tmp_path / "ckpts-typo"
+    cfg = config_from(hf_folder, checkpoint__pretrained_checkpoint=str(imported), checkpoint__load=str(typo),
+                      checkpoint__save=str(tmp_path / "ckpts"))
+    with pytest.raises(ConfigError, match=rf"checkpoint\.load='{typo}' is invalid: the path does not exist"):
+        finetune(cfg, forward_step)
+    assert not dist.is_initialized() and not (tmp_path / "ckpts").exists()  # refused before any work

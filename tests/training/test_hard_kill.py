@@ -533,6 +533,98 @@ def test_sigterm_on_one_rank_during_validation_skips_the_test_pass_on_every_rank
     assert checkpoint_io.list_iterations(tmp_path / "ckpt") == [2]
 
 
+# Ctrl-C with exit_signal_handler, through the real command line. The signals are real (`os.kill` of
+# the process itself); their moment is chosen from inside the run, so that there are no sleeps or races.
+# Run as `python script.py MODE ARGS...`: the command line's main() with the forward step below.
+CTRL_C_SCRIPT = '''
+import os, signal, sys
+import torch
+torch.set_num_threads(1)
+from megatron.bridge import cli
+from megatron.bridge.checkpoint import io
+from megatron.bridge.training.gpt_step import forward_step
+
+mode, argv = sys.argv[1], sys.argv[2:]
+calls = {"eval": 0, "save": 0}
+
+
+def forward_step_signalling_in_validation(state, data_iterator, model):
+    # Two micro-batches per step: the 5th call in evaluation is the first of validation step 3.
+    if not model.training:
+        calls["eval"] += 1
+        if mode == "once" and calls["eval"] == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+    return forward_step(state, data_iterator, model)
+
+
+real_save_tensors = io.save_tensors
+
+
+def save_tensors_interrupted_twice(*args, **kwargs):
+    # The second checkpoint's tensors are being written when Ctrl-C is pressed twice.
+    calls["save"] += 1
+    if mode == "twice" and calls["save"] == 2:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+    return real_save_tensors(*args, **kwargs)
+
+
+io.save_tensors = save_tensors_interrupted_twice
+cli.main([*argv, "--forward-step", "__main__:forward_step_signalling_in_validation"])
+print("RETURNED", flush=True)
+'''
+
+CTRL_C_RUN = ["--recipe", "qwen25_tiny", "train.global_batch_size=4", "train.micro_batch_size=2", "model.num_layers=1",
+       "model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_attention_heads=4", "model.num_query_groups=2",
+       "model.seq_length=32", "dataset.seq_length=32", "tokenizer.vocab_size=128", "scheduler.lr_warmup_iters=0",
+       "logger.tensorboard_dir=null", "logger.log_interval=1", "train.exit_signal_handler=true",
+       "checkpoint.save=ckpt", "checkpoint.load=ckpt"]
+
+
+def run_ctrl_c_script(tmp_path: Path, mode: str, *overrides: str) -> subprocess.CompletedProcess:
+    script = tmp_path / "ctrl_c.py"
+    script.write_text(CTRL_C_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")}
+    return subprocess.run([sys.executable, str(script), mode, *CTRL_C_RUN, *overrides], cwd=tmp_path,
+                          env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
+
+
+def test_ctrl_c_once_stops_a_long_validation_pass_within_one_step_saves_and_exits_0(tmp_path):
+    done = run_ctrl_c_script(tmp_path, "once", "train.train_iters=6", "validation.eval_interval=2",
+                      "validation.eval_iters=200", "checkpoint.save_interval=100")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    assert "RETURNED" in out
+    # Acknowledged at once, inside validation step 3 of 200; the pass stops before step 4.
+    ack = ("> received SIGINT: stopping the validation pass after this step, then saving and stopping; "
+           "press Ctrl-C again to stop now")
+    assert ack in out
+    assert "> received SIGINT: validation pass stopped after 3 of validation.eval_iters=200 steps" in out
+    assert out.index(ack) < out.index("validation pass stopped after 3")
+    assert "validation loss at iteration" not in out  # a pass cut short reports nothing
+    # The run then saves the step it is at and stops: no more training, no post-training passes.
+    assert checkpoint_io.list_iterations(tmp_path / "ckpt") == [2]
+    assert "> stopping after iteration 2: received SIGINT" in out
+    assert "test loss" not in out
+    assert done.stderr.count("Traceback") == 0
+
+
+def test_ctrl_c_twice_during_a_save_stops_at_once_with_130_and_keeps_the_previous_checkpoint(tmp_path):
+    done = run_ctrl_c_script(tmp_path, "twice", "train.train_iters=8", "checkpoint.save_interval=2",
+                      "validation.eval_iters=0")
+    assert done.returncode == 130, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stderr == "python -m megatron.bridge.pretrain: interrupted\n"
+    out = done.stdout
+    assert "> received SIGINT: " in out and "> received SIGINT again: stopping now" in out
+    assert "RETURNED" not in out
+    save = tmp_path / "ckpt"
+    # The checkpoint of iteration 4 was being written: nothing of it is an iter_* folder, and the
+    # tracker still names iteration 2, whose checkpoint is complete and loads.
+    assert checkpoint_io.temporary_dir(save, 4).is_dir()
+    assert assert_all_checkpoints_loadable(save) == [2]
+    assert (save / checkpoint_io.TRACKER_FILE).read_text().strip() == "2"
+
+
 def test_exit_duration_in_mins_stops_after_the_first_step(tmp_path, capsys):
     save = tmp_path / "ckpt"
     recorder = Recorder()

@@ -12,6 +12,7 @@ from torch import nn
 from megatron.bridge.training.config import OptimizerConfig, SchedulerConfig
 from megatron.bridge.training.optim import (
     OptimizerParamScheduler,
+    get_canonical_lr_for_logging,
     get_grad_norm,
     get_grad_norm_and_clip,
     setup_optimizer,
@@ -101,11 +102,49 @@ def test_wsd_default_decay_is_a_tenth_of_the_decay_span():
     assert lr_at(scheduler, 105) == pytest.approx(0.6)
 
 
-def test_lr_mult_scales_a_group():
-    optimizer = dummy_optimizer({"wd_mult": 1.0}, {"wd_mult": 1.0, "lr_mult": 0.5})
-    scheduler = make_scheduler(optimizer, lr_decay_style="constant")
-    scheduler.step(increment=20)
-    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1.0, 0.5])
+def test_a_group_follows_its_own_max_and_min_lr_and_lr_mult_is_not_applied_again():
+    # Megatron-LM's semantics: lr_mult is folded into a group's max_lr/min_lr when the groups are
+    # built; at step time the scheduler reads those and never multiplies by lr_mult.
+    optimizer = dummy_optimizer({"wd_mult": 1.0}, {"wd_mult": 1.0, "lr_mult": 0.5, "max_lr": 0.5, "min_lr": 0.1},
+                                {"wd_mult": 1.0, "lr_mult": 0.5})
+    scheduler = make_scheduler(optimizer, lr_decay_style="linear")
+    scheduler.step(increment=60)  # halfway through the decay
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.6, 0.3, 0.6])
+
+
+def test_lr_mult_from_setup_optimizer_gives_megatron_lms_rates():
+    model = Tiny()
+    cfg = OptimizerConfig(lr=0.004, min_lr=0.0004)
+    sched = SchedulerConfig(lr_decay_style="cosine", lr_warmup_iters=10)
+    optimizer, scheduler = setup_optimizer(cfg, sched, [model], train_iters=100, lr_mult=2.0,
+                                           scale_lr_cond=lambda name, param: name.startswith("linear."))
+    groups = {(g["wd_mult"], g["lr_mult"]): g for g in optimizer.param_groups}
+    assert set(groups) == {(1.0, 2.0), (0.0, 2.0), (0.0, 1.0)}  # norm params are not scaled
+    assert groups[(1.0, 2.0)]["params"] == [model.linear.weight]
+    assert (groups[(1.0, 2.0)]["max_lr"], groups[(1.0, 2.0)]["min_lr"]) == (0.008, 0.0008)
+    assert [g["default_config"] for g in optimizer.param_groups] == [True, False, False]
+    scheduler.step(increment=40)
+    # Megatron-LM at step 40 of a cosine decay over steps 10..100, each group from its own max_lr/min_lr.
+    coeff = 0.5 * (math.cos(math.pi * (30 / 90)) + 1.0)
+    assert groups[(1.0, 2.0)]["lr"] == 0.0008 + coeff * (0.008 - 0.0008)
+    assert groups[(0.0, 1.0)]["lr"] == 0.0004 + coeff * (0.004 - 0.0004)
+
+
+def test_get_canonical_lr_for_logging_is_the_first_default_groups_rate():
+    optimizer = dummy_optimizer({"default_config": False, "max_lr": 0.5}, {"default_config": True},
+                                {"default_config": True, "max_lr": 0.25})
+    make_scheduler(optimizer, lr_decay_style="constant").step(increment=20)
+    assert get_canonical_lr_for_logging(optimizer.param_groups) == 1.0
+    assert get_canonical_lr_for_logging(dummy_optimizer({"wd_mult": 1.0}).param_groups) is None
+    optimizer, _ = setup_optimizer(OptimizerConfig(lr=0.3), SchedulerConfig(), [Tiny()], train_iters=10)
+    assert get_canonical_lr_for_logging(optimizer.param_groups) == optimizer.param_groups[0]["lr"]
+
+
+def test_a_group_follows_its_own_start_and_end_weight_decay():
+    optimizer = dummy_optimizer({"wd_mult": 1.0}, {"wd_mult": 0.5, "start_wd": 0.2, "end_wd": 0.4})
+    scheduler = make_scheduler(optimizer, start_wd=0.0, end_wd=0.1, wd_incr_style="linear")
+    scheduler.step(increment=50)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == pytest.approx([0.05, 0.5 * 0.3])
 
 
 def test_invalid_schedule_raises():
@@ -216,6 +255,37 @@ def test_state_dict_round_trip():
     assert target.get_lr() == pytest.approx(source.get_lr())
     assert target.optimizer.param_groups[0]["lr"] == pytest.approx(source.get_lr())
     assert target.optimizer.param_groups[0]["weight_decay"] == pytest.approx(0.037)
+
+
+def megatron_lm_state_dict(**changes) -> dict:
+    """What Megatron-LM's `OptimizerParamScheduler.state_dict()` returns: these ten keys, these types."""
+    state = {"max_lr": 1.0, "lr_warmup_steps": 10, "num_steps": 35, "lr_decay_style": "cosine",
+             "lr_decay_steps": 110, "min_lr": 0.2, "start_wd": 0.0, "end_wd": 0.1, "wd_incr_style": "linear",
+             "wd_incr_steps": 100}
+    return {**state, **changes}
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["current-keys", "legacy-keys"])
+def test_a_megatron_lm_scheduler_state_dict_loads(legacy):
+    state = megatron_lm_state_dict()
+    if legacy:  # the names Megatron-LM's load_state_dict still accepts from older checkpoints
+        renames = {"max_lr": "start_lr", "lr_warmup_steps": "warmup_iter", "lr_decay_steps": "end_iter",
+                   "lr_decay_style": "decay_style", "num_steps": "num_iters"}
+        state = {renames.get(key, key): value for key, value in state.items()}
+    target = make_scheduler(lr_decay_style="linear", max_lr=3.0, min_lr=0.0, lr_decay_steps=500)
+    target.load_state_dict(roundtrip(state))
+    assert target.num_steps == 35
+    assert (target.max_lr, target.min_lr, target.lr_decay_steps, target.lr_decay_style) == (1.0, 0.2, 110, "cosine")
+    # Megatron-LM's formulas at step 35: cosine from step 10 to 110; linear weight decay over 100 steps.
+    expected_lr = 0.2 + 0.5 * (math.cos(math.pi * 25 / 100) + 1.0) * 0.8
+    assert target.optimizer.param_groups[0]["lr"] == pytest.approx(expected_lr)
+    assert target.optimizer.param_groups[0]["weight_decay"] == pytest.approx(0.035)
+    assert target.init_lr == 0.1  # a field Megatron-LM does not save keeps this run's value
+
+
+def test_a_scheduler_state_dict_without_a_step_count_names_it():
+    with pytest.raises(KeyError, match="num_steps"):
+        make_scheduler().load_state_dict({"max_lr": 1.0})
 
 
 @pytest.mark.parametrize("override", [False, True])

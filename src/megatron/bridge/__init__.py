@@ -1,20 +1,44 @@
 """megatron-bridge-lite: Megatron Bridge's training API and callback system in pure PyTorch.
 
-Importing the package is cheap: sub-packages (training, models, data, recipes) load on demand, and
-`from megatron.bridge import AutoBridge` loads the Hugging Face conversion code only when asked for.
+Where things live (each sub-package loads on first use, so `import megatron.bridge` is cheap):
+
+| what | where |
+| --- | --- |
+| training: `pretrain`, `finetune`; the default `forward_step` | `training.pretrain`, `.finetune`; `.gpt_step` |
+| configuration: `ConfigContainer` and its sections | `training.config` |
+| callbacks: `Callback`, `CallbackContext`, `CallbackManager`; built-ins | `training.callbacks`, `.builtin_callbacks` |
+| run state: `GlobalState`, `TrainState` | `training.state` |
+| recipes: `qwen25_500m_pretrain_config`, ... | `recipes` (`recipes.qwen`) |
+| models: `GPTModelProvider`, the Qwen2 and Llama providers, `GPTModel` | `models` |
+| Hugging Face checkpoints in and out: `AutoBridge` | `megatron.bridge.AutoBridge` (`models.conversion`) |
+| data: tokenizers, indexed datasets, blends, loaders, finetuning data | `data` (`data.sft`) |
+| LoRA and DoRA adapters | `peft` |
+| the checkpoint format (layout, checksums, schemas, folder lock) | `checkpoint` |
+| rank-aware printing, the parallel layout, error types | `utils` |
+
+Commands: `megatron-bridge-pretrain` (or `python -m megatron.bridge.pretrain`), `python -m
+megatron.bridge.convert`, `python -m megatron.bridge.data.train_tokenizer`, `python -m
+megatron.bridge.data.preprocess`.
 """
 
-from typing import Any
+from megatron.bridge.utils.lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
-__all__ = ["AutoBridge", "__version__"]
+_LAZY: dict[str, str | None] = {
+    "AutoBridge": "models.conversion.auto_bridge",
+    "checkpoint": None,
+    "data": None,
+    "models": None,
+    "peft": None,
+    "recipes": None,
+    "training": None,
+    "utils": None,
+}
 
+__all__ = ["__version__", *_LAZY]
 
-def __getattr__(name: str) -> Any:
-    """Import `AutoBridge` on first access (PEP 562), keeping `import megatron.bridge.training.callbacks` light."""
-    if name == "AutoBridge":
-        from megatron.bridge.models.conversion.auto_bridge import AutoBridge
-
-        return AutoBridge
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# PEP 562: `AutoBridge` loads the Hugging Face conversion code only when asked for, and the
+# sub-packages load on first access; `dir()` lists them all before that.
+__getattr__, __dir__ = lazy_attributes(__name__, globals(), _LAZY)
+del lazy_attributes

@@ -1,8 +1,13 @@
-"""The command line: pick a recipe, merge a YAML file, apply `key=value` overrides, pretrain.
+"""The command line: pick a recipe, merge a YAML file, apply `key=value` overrides, pretrain or finetune.
 
     python -m megatron.bridge.pretrain --recipe qwen25_500m train.train_iters=100 model.num_layers=4
     megatron-bridge-pretrain --recipe qwen25_tiny --config-file run.yaml optimizer.lr=1e-3
     torchrun --nproc-per-node 8 -m megatron.bridge.pretrain --recipe qwen25_1p5b ...
+    python -m megatron.bridge.finetune --recipe qwen25_500m_peft checkpoint.pretrained_checkpoint=./Qwen2.5-0.5B \
+        dataset.dataset_root=./data/sft
+
+`pretrain` takes the `*_pretrain_config` recipes, `finetune` the `*_sft_config` and `*_peft_config`
+ones (named without the `_config`: `qwen25_500m_sft`, `qwen25_500m_peft`).
 
 Order: the recipe's config, then `--config-file` (nested YAML mapping), then the overrides, left
 to right. Keys are dotted paths of `ConfigContainer` fields (`train.train_iters`,
@@ -19,7 +24,9 @@ import copy
 import dataclasses
 import difflib
 import importlib
+import os
 import pkgutil
+import sys
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -31,12 +38,41 @@ from megatron.bridge.training.config import ConfigContainer
 from megatron.bridge.utils.errors import INTERRUPTED_STATUS, ConfigError, UserError, one_line, short_repr
 from megatron.bridge.utils.safe_yaml import YAMLInputError, load_yaml_file, safe_load
 
+__all__ = [
+    "DEFAULT_FORWARD_STEP",
+    "FINETUNE_MODULE_PROG",
+    "FINETUNE_SUFFIXES",
+    "MODULE_PROG",
+    "RECIPE_SUFFIX",
+    "available_recipes",
+    "build_config",
+    "build_parser",
+    "check_config",
+    "finetune_main",
+    "invoked_as",
+    "load_forward_step",
+    "load_recipe",
+    "main",
+    "merge_yaml",
+    "parse_override",
+    "set_field",
+]
+
 RECIPE_SUFFIX = "_pretrain_config"
+FINETUNE_SUFFIXES = ("_sft_config", "_peft_config")
 DEFAULT_FORWARD_STEP = "megatron.bridge.training.gpt_step:forward_step"
+MODULE_PROG = "python -m megatron.bridge.pretrain"
+"""The command's name when run as a module, and when `main` is given its arguments by a program."""
+FINETUNE_MODULE_PROG = "python -m megatron.bridge.finetune"
+"""The same for `finetune_main`."""
 
 
-def available_recipes() -> dict[str, Callable[[], ConfigContainer]]:
-    """Recipe name (`qwen25_500m`) to recipe function, for each `*_pretrain_config` in `megatron.bridge.recipes`."""
+def available_recipes(kind: str = "pretrain") -> dict[str, Callable[[], ConfigContainer]]:
+    """Recipe name to recipe function, for each recipe of `kind` in `megatron.bridge.recipes`.
+
+    `pretrain`: each `*_pretrain_config`, named without the suffix (`qwen25_500m`); `finetune`: each
+    `*_sft_config` and `*_peft_config`, named without `_config` (`qwen25_500m_sft`, `qwen25_500m_peft`).
+    """
     import megatron.bridge.recipes as recipes_package
 
     recipes: dict[str, Callable[[], ConfigContainer]] = {}
@@ -45,15 +81,19 @@ def available_recipes() -> dict[str, Callable[[], ConfigContainer]]:
             continue  # helpers such as recipes/common.py
         module = importlib.import_module(f"{recipes_package.__name__}.{module_info.name}")
         for name in getattr(module, "__all__", ()):
-            if name.endswith(RECIPE_SUFFIX):
+            if kind == "pretrain" and name.endswith(RECIPE_SUFFIX):
                 recipes[name[: -len(RECIPE_SUFFIX)]] = getattr(module, name)
+            elif kind == "finetune" and name.endswith(FINETUNE_SUFFIXES):
+                recipes[name.removesuffix("_config")] = getattr(module, name)
     return recipes
 
 
-def load_recipe(name: str) -> ConfigContainer:
-    """The config of recipe `name` (`qwen25_500m` or `qwen25_500m_pretrain_config`)."""
-    recipes = available_recipes()
-    key = name[: -len(RECIPE_SUFFIX)] if name.endswith(RECIPE_SUFFIX) else name
+def load_recipe(name: str, kind: str = "pretrain") -> ConfigContainer:
+    """The config of recipe `name` (`qwen25_500m` or `qwen25_500m_pretrain_config`; `qwen25_500m_peft` or
+    `qwen25_500m_peft_config` for `kind="finetune"`)."""
+    recipes = available_recipes(kind)
+    key = name[: -len(RECIPE_SUFFIX)] if kind == "pretrain" and name.endswith(RECIPE_SUFFIX) else name
+    key = key.removesuffix("_config") if kind == "finetune" else key
     if key not in recipes:
         raise ConfigError(f"--recipe={short_repr(name)} is invalid: choose one of {', '.join(recipes)}")
     return recipes[key]()
@@ -128,9 +168,10 @@ def _flatten(target: Any, data: dict[str, Any], prefix: list[str]) -> list[tuple
     return items
 
 
-def build_config(recipe: str, config_file: str | None = None, overrides: Sequence[str] = ()) -> ConfigContainer:
-    """The recipe's config with the YAML file and then the overrides applied."""
-    config = load_recipe(recipe)
+def build_config(recipe: str, config_file: str | None = None, overrides: Sequence[str] = (), *,
+                 kind: str = "pretrain") -> ConfigContainer:
+    """The recipe's config (a `kind` recipe: see `available_recipes`) with the YAML file, then the overrides."""
+    config = load_recipe(recipe, kind)
     if config_file:
         merge_yaml(config, config_file)
     for item in overrides:
@@ -155,12 +196,15 @@ def load_forward_step(spec: str) -> Callable[..., Any]:
     return function
 
 
-def check_config(config: ConfigContainer) -> None:
-    """Validate a copy of `config` exactly as `pretrain` will (tokenizer size resolved first)."""
+def check_config(config: ConfigContainer, *, kind: str = "pretrain") -> None:
+    """Validate a copy of `config` exactly as `pretrain` (or, `kind="finetune"`, `finetune`) will."""
+    from megatron.bridge.training.finetune import prepare_finetune
     from megatron.bridge.training.pretrain import _resolve_vocab_size, planned_data_parallel_size
 
     # A copy: pretrain resolves the vocabulary itself, and the config should reach it as the user wrote it.
     trial = copy.deepcopy(config)
+    if kind == "finetune":
+        prepare_finetune(trial)
     _resolve_vocab_size(trial)
     trial.validate(data_parallel_size=planned_data_parallel_size(trial))
 
@@ -245,13 +289,28 @@ def _convert_scalar(value: Any, hint: Any) -> Any:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser; `--help` lists the recipes."""
-    recipes = available_recipes()
-    listing = "\n".join(f"  {name:<14} {(fn.__doc__ or '').strip().splitlines()[0]}" for name, fn in recipes.items())
+def invoked_as(argv: Sequence[str] | None, kind: str = "pretrain") -> str:
+    """The command's name as the user typed it: the console script's (`megatron-bridge-pretrain`), else the module's.
+
+    `python -m` and `torchrun -m` put the module's file path in `sys.argv[0]`, and a program calling
+    `main(argv)` has its own; neither is what the user typed, so those get `MODULE_PROG` (or
+    `FINETUNE_MODULE_PROG`).
+    """
+    name = os.path.basename(sys.argv[0]) if argv is None and sys.argv and sys.argv[0] else ""
+    module = FINETUNE_MODULE_PROG if kind == "finetune" else MODULE_PROG
+    return name if name and not name.endswith(".py") and name != "-c" else module
+
+
+def build_parser(prog: str = MODULE_PROG, kind: str = "pretrain") -> argparse.ArgumentParser:
+    """The argument parser, named `prog` in its usage and error lines; `--help` lists the `kind` recipes."""
+    recipes = available_recipes(kind)
+    width = max(14, *(len(name) for name in recipes))
+    listing = "\n".join(f"  {name:<{width}} {(fn.__doc__ or '').strip().splitlines()[0]}"
+                        for name, fn in recipes.items())
+    what = "Pretrain a GPT model" if kind == "pretrain" else "Finetune a model (full SFT, LoRA or DoRA)"
     parser = argparse.ArgumentParser(
-        prog="python -m megatron.bridge.pretrain",
-        description="Pretrain a GPT model from a recipe, a YAML file and key=value overrides.",
+        prog=prog,
+        description=f"{what} from a recipe, a YAML file and key=value overrides.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
             f"recipes:\n{listing}\n\n"
@@ -268,17 +327,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"the forward step to train with (default: {DEFAULT_FORWARD_STEP})")
     parser.add_argument("--print-config", action="store_true", help="print the final config as YAML and exit")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.train_iters=100")
+    parser.set_defaults(kind=kind)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Run the command line: build and check the config, then `pretrain` it.
+def main(argv: Sequence[str] | None = None, *, prog: str | None = None, kind: str = "pretrain") -> None:
+    """Run the command line: build and check the config, then `pretrain` it (`kind="finetune"`: `finetune`).
 
     A `UserError` ends the process with one line, `<prog>: error: <message>`: status 2 while the config
     is built and checked, 1 once training has started (a checkpoint that does not fit, bad data). Ctrl-C
     prints `<prog>: interrupted` and exits with 130. Anything else is a bug and keeps its traceback.
+    `prog` defaults to how the command was invoked (`invoked_as`).
     """
-    parser = build_parser()
+    parser = build_parser(prog or invoked_as(argv, kind), kind)
     args = parser.parse_args(argv)
     try:
         _run(parser, args)
@@ -288,17 +349,23 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     try:
-        config = build_config(args.recipe, args.config_file, args.overrides)
+        config = build_config(args.recipe, args.config_file, args.overrides, kind=args.kind)
         forward_step = load_forward_step(args.forward_step)
-        check_config(config)
+        check_config(config, kind=args.kind)
     except UserError as err:
         parser.exit(2, f"{parser.prog}: error: {one_line(err)}\n")
     if args.print_config:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return
+    from megatron.bridge.training.finetune import finetune
     from megatron.bridge.training.pretrain import pretrain
 
     try:
-        pretrain(config, forward_step)
+        (finetune if args.kind == "finetune" else pretrain)(config, forward_step)
     except UserError as err:
         parser.exit(1, f"{parser.prog}: error: {one_line(err)}\n")
+
+
+def finetune_main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> None:
+    """`main` for the finetuning recipes (the `megatron-bridge-finetune` script, `-m megatron.bridge.finetune`)."""
+    main(argv, prog=prog, kind="finetune")

@@ -2,10 +2,12 @@
 
     python -m megatron.bridge.convert import ./Qwen2.5-0.5B ./checkpoints/qwen-0.5b
     python -m megatron.bridge.convert export ./runs/sft/checkpoints ./Qwen2.5-0.5B-sft [--iteration 500]
+    python -m megatron.bridge.convert export-adapter ./runs/lora/checkpoints ./qwen-lora [--base-model ./Qwen2.5-0.5B]
 
 `import` writes a step-0 checkpoint for `checkpoint.pretrained_checkpoint`; `export` writes a folder
-that `transformers.AutoModelForCausalLM.from_pretrained` loads. Neither overwrites a non-empty output
-folder without `--overwrite`.
+that `transformers.AutoModelForCausalLM.from_pretrained` loads; `export-adapter` writes a LoRA / DoRA
+run's adapters as a folder that `peft.PeftModel.from_pretrained(base, folder)` loads. None overwrites
+a non-empty output folder without `--overwrite`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import time
 import torch
 
 from megatron.bridge.utils.errors import INTERRUPTED_STATUS, UserError, one_line
+
+__all__ = ["build_parser", "main"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -36,7 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Hugging Face folder to take config.json and tokenizer files from (default: the ones "
                           "stored at import)")
     exp.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
-    for sub in (imp, exp):
+    ada = commands.add_parser("export-adapter", help="LoRA / DoRA run's checkpoint -> Hugging Face PEFT adapter folder")
+    ada.add_argument("megatron_path", help="checkpoint folder of a LoRA or DoRA run (its latest iteration)")
+    ada.add_argument("adapter_path", help="adapter folder to create")
+    ada.add_argument("--iteration", type=int, default=None, help="export this iteration instead of the latest")
+    ada.add_argument("--base-model", default=None,
+                     help="base_model_name_or_path for adapter_config.json (default: the Hugging Face folder the run "
+                          "started from, when its run_config.yaml names one)")
+    for sub in (imp, exp, ada):
         sub.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
                          help="convert tensors to this dtype (default: keep the source's)")
         sub.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
@@ -55,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.command == "import":
             out = AutoBridge.import_ckpt(args.hf_path, args.megatron_path, dtype=dtype, overwrite=args.overwrite)
+        elif args.command == "export-adapter":
+            out = AutoBridge.export_adapter_ckpt(args.megatron_path, args.adapter_path, iteration=args.iteration,
+                                                 base_model_name_or_path=args.base_model, dtype=dtype,
+                                                 overwrite=args.overwrite)
         else:
             out = AutoBridge.export_ckpt(args.megatron_path, args.hf_path, iteration=args.iteration,
                                          source=args.source, dtype=dtype, max_shard_size=args.max_shard_size,
@@ -65,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         return INTERRUPTED_STATUS
-    print(f"> {args.command}ed to {out} ({time.perf_counter() - started:.1f} s)")
+    print(f"> {args.command.removesuffix('-adapter')}ed to {out} ({time.perf_counter() - started:.1f} s)")
     return 0
 
 

@@ -4,7 +4,9 @@ The command line lives in `megatron.bridge.cli`; this module only makes it runna
 (also under `torchrun -m`). The console script `megatron-bridge-pretrain` runs the same `main`.
 """
 
-from megatron.bridge.cli import main
+from megatron.bridge.cli import MODULE_PROG, main
+
+__all__: list[str] = []  # the `-m` entry point only
 
 if __name__ == "__main__":
-    main()
+    main(prog=MODULE_PROG)

@@ -13,7 +13,8 @@ from hf_tiny import folder_snapshot
 from safetensors.torch import load_file, save_file
 
 from megatron.bridge import AutoBridge
-from megatron.bridge.models.conversion.hf_config import provider_from_hf_config
+from megatron.bridge.models import registry
+from megatron.bridge.models.registry import provider_from_hf_config
 
 
 def copy_folder(source: Path, tmp_path: Path, name: str = "src") -> Path:
@@ -84,14 +85,28 @@ def test_shape_mismatch_names_both_shapes(qwen2_folder, tmp_path):
     )
 
 
-def test_unsupported_architecture_lists_the_supported_ones(qwen2_folder, tmp_path):
+def test_unsupported_architecture_lists_the_registry(qwen2_folder, tmp_path):
     source = copy_folder(qwen2_folder, tmp_path)
-    rewrite_config(source, architectures=["MistralForCausalLM"], model_type="mistral")
+    rewrite_config(source, architectures=["PhiForCausalLM"], model_type="phi")
     assert_fails_writing_nothing(
-        tmp_path, source, "architecture MistralForCausalLM is not supported; supported: Qwen2ForCausalLM, "
-                          "LlamaForCausalLM")
+        tmp_path, source, "architecture PhiForCausalLM is not supported; supported: Qwen2ForCausalLM, "
+                          "Qwen3ForCausalLM, LlamaForCausalLM, MistralForCausalLM, Gemma3ForCausalLM$")
     assert not AutoBridge.can_handle(source)
-    assert AutoBridge.list_supported_models() == ["Qwen2ForCausalLM", "LlamaForCausalLM"]
+    names = [name for family in registry.FAMILIES for name in family.architectures]
+    assert AutoBridge.list_supported_models() == names == [
+        "Qwen2ForCausalLM", "Qwen3ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Gemma3ForCausalLM"]
+
+
+def test_without_architectures_the_files_model_type_names_the_family(qwen2_folder, tmp_path):
+    source = copy_folder(qwen2_folder, tmp_path)
+    config = json.loads((source / "config.json").read_text())
+    del config["architectures"]
+    (source / "config.json").write_text(json.dumps(config))
+    assert type(AutoBridge.from_hf_pretrained(source).to_megatron_provider(load_weights=False)).__name__ == (
+        "Qwen2ModelProvider")
+    rewrite_config(source, model_type="phi")
+    assert_fails_writing_nothing(tmp_path, source, "architecture model_type='phi' is not supported; supported: "
+                                                   "Qwen2ForCausalLM, ")
 
 
 @pytest.mark.parametrize(("changes", "match"), [

@@ -4,63 +4,54 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import yaml
-from hf_tiny import TOKENIZER_FILES, build_hf, qwen2_config, save_hf, token_ids
-from safetensors.torch import load_file
+from hf_tiny import (
+    TOKENIZER_FILES,
+    assert_same_extras,
+    assert_same_tensors,
+    build_hf,
+    hf_logits,
+    hf_tensors,
+    qwen2_config,
+    save_hf,
+    token_ids,
+)
 
 from megatron.bridge import AutoBridge
 from megatron.bridge.checkpoint import io as checkpoint_io
 from megatron.bridge.convert import main as convert_main
-from megatron.bridge.models.conversion import PARAM_MAPPINGS, to_hf_name, to_megatron_name
 from megatron.bridge.models.conversion.safetensors_io import SafetensorsReader
+from megatron.bridge.models.registry import FAMILIES
 
 transformers = pytest.importorskip("transformers")
 
 
-def hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a folder, read with the safetensors library (independent of our reader)."""
-    tensors = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(file))
-    return tensors
+FAMILY = {family.name: family for family in FAMILIES}
 
 
-def assert_same_tensors(source: Path, result: Path) -> None:
-    expected, actual = hf_tensors(source), hf_tensors(result)
-    assert sorted(actual) == sorted(expected)
-    for name, tensor in expected.items():
-        assert actual[name].dtype == tensor.dtype and actual[name].shape == tensor.shape, name
-        assert torch.equal(actual[name].view(torch.uint8), tensor.view(torch.uint8)), name  # bit for bit
-
-
-def assert_same_extras(source: Path, result: Path) -> None:
-    assert json.loads((result / "config.json").read_text()) == json.loads((source / "config.json").read_text())
-    for name in ("generation_config.json", *TOKENIZER_FILES):
-        assert (result / name).read_bytes() == (source / name).read_bytes(), name
-
-
-def hf_logits(folder: Path, vocab: int) -> torch.Tensor:
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return model(token_ids(vocab)).logits
-
-
-def test_name_table_maps_both_ways():
-    assert to_hf_name("layers.3.self_attention.linear_k.bias") == "model.layers.3.self_attn.k_proj.bias"
-    assert to_hf_name("layers.0.pre_mlp_layernorm.weight") == "model.layers.0.post_attention_layernorm.weight"
-    assert to_megatron_name("model.layers.11.mlp.down_proj.weight") == "layers.11.mlp.linear_down.weight"
-    assert to_megatron_name("lm_head.weight") == "output_layer.weight"
-    assert to_megatron_name("model.layers.0.mlp.fc1.weight") is None
-    for mapping in PARAM_MAPPINGS:
-        ours = mapping.megatron.replace("{layer}", "7")
-        assert to_megatron_name(to_hf_name(ours)) == ours
-    with pytest.raises(ValueError, match="linear_fc1.*has no Hugging Face equivalent"):
-        to_hf_name("layers.0.mlp.linear_fc1.weight")
+def test_each_familys_name_table_maps_both_ways():
+    qwen2, llama, gemma3 = FAMILY["qwen2"], FAMILY["llama"], FAMILY["gemma3"]
+    assert qwen2.to_hf_name("layers.3.self_attention.linear_k.bias") == "model.layers.3.self_attn.k_proj.bias"
+    assert llama.to_megatron_name("model.layers.11.mlp.down_proj.weight") == "layers.11.mlp.linear_down.weight"
+    assert llama.to_megatron_name("lm_head.weight") == "output_layer.weight"
+    assert llama.to_megatron_name("model.layers.0.mlp.fc1.weight") is None
+    # One Hugging Face name, two meanings: Llama's pre-MLP norm, Gemma 3's post-attention norm.
+    norm = "model.layers.0.post_attention_layernorm.weight"
+    assert llama.to_megatron_name(norm) == "layers.0.pre_mlp_layernorm.weight"
+    assert gemma3.to_megatron_name(norm) == "layers.0.post_self_attn_layernorm.weight"
+    assert gemma3.to_hf_name("layers.0.pre_mlp_layernorm.weight") == "model.layers.0.pre_feedforward_layernorm.weight"
+    for family in FAMILIES:
+        for mapping in family.name_rows:
+            ours = mapping.megatron.replace("{layer}", "7")
+            assert family.to_megatron_name(family.to_hf_name(ours)) == ours, family.name
+    with pytest.raises(ValueError, match="linear_fc1.*has no Hugging Face equivalent in LlamaForCausalLM"):
+        llama.to_hf_name("layers.0.mlp.linear_fc1.weight")
+    with pytest.raises(ValueError, match="linear_q.bias.*has no Hugging Face equivalent in Qwen3ForCausalLM"):
+        FAMILY["qwen3"].to_hf_name("layers.0.self_attention.linear_q.bias")
 
 
 @pytest.mark.parametrize("fixture", ["qwen2_folder", "llama_folder"])
@@ -132,7 +123,7 @@ def test_import_then_export_checkpoint_round_trips(llama_folder, tmp_path):
     assert run_config["model"]["_target_"].endswith("LlamaModelProvider")
     assert run_config["model"]["rope_scaling"]["rope_type"] == "llama3"
     keys = set(checkpoint_io.read_index(iteration).state_dict_metadata)
-    assert keys == {"model." + to_megatron_name(name) for name in hf_tensors(llama_folder)}
+    assert keys == {"model." + FAMILY["llama"].to_megatron_name(name) for name in hf_tensors(llama_folder)}
     assert sorted(p.name for p in (iteration / "hf").iterdir()) == sorted(
         ["config.json", "generation_config.json", *TOKENIZER_FILES])
 
@@ -144,9 +135,12 @@ def test_import_then_export_checkpoint_round_trips(llama_folder, tmp_path):
 def test_export_without_stored_config_rebuilds_it_from_run_config(llama_folder, llama_model, tmp_path):
     ckpt = AutoBridge.import_ckpt(llama_folder, tmp_path / "ckpt")
     shutil.rmtree(ckpt / "iter_0000000" / "hf")
+    (ckpt / "iter_0000000" / "manifest.json").unlink()  # edited by hand: read it as written before checksums
     out = AutoBridge.export_ckpt(ckpt, tmp_path / "hf")
     config = json.loads((out / "config.json").read_text())
-    assert config["architectures"] == ["LlamaForCausalLM"] and config["rope_scaling"]["factor"] == 8.0
+    # Written as transformers 5 writes it: the RoPE scaling in rope_parameters, the dtype as `dtype`.
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["rope_parameters"]["factor"] == 8.0
+    assert config["dtype"] == "float32" and "rope_scaling" not in config and "torch_dtype" not in config
     assert_same_tensors(llama_folder, out)
     with torch.no_grad():
         expected = llama_model(token_ids(256)).logits

@@ -22,6 +22,24 @@ from megatron.bridge.checkpoint import schema
 from megatron.bridge.utils.errors import UserError
 from megatron.bridge.utils.paths import resolve_inside
 
+__all__ = [
+    "ALGORITHM",
+    "BLOCK_BYTES",
+    "CheckpointError",
+    "FileEntry",
+    "MANIFEST_FILE",
+    "MANIFEST_LIMIT",
+    "MANIFEST_VERSION",
+    "Manifest",
+    "hash_files",
+    "read_manifest",
+    "read_regular_file",
+    "regular_file_size",
+    "seal",
+    "share",
+    "verify",
+]
+
 MANIFEST_FILE = "manifest.json"
 MANIFEST_VERSION = 1
 ALGORITHM = "xxh3_128"

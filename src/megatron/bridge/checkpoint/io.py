@@ -45,13 +45,44 @@ from megatron.bridge.checkpoint.integrity import CheckpointError as CheckpointEr
 from megatron.bridge.utils.errors import UserError
 from megatron.bridge.utils.paths import resolve_inside
 
+__all__ = [
+    "COMMON_FILE",
+    "CONFIG_FILE",
+    "FORMAT_VERSION",
+    "INDEX_LIMIT",
+    "ITER_DIR",
+    "JSON_LIMIT",
+    "SafeFileSystemReader",
+    "TRACKER_FILE",
+    "check_compatible",
+    "check_tracker",
+    "commit",
+    "decode_value",
+    "delete_old",
+    "encode_value",
+    "find_latest",
+    "iteration_dir",
+    "list_iterations",
+    "load_tensors",
+    "prepare_temporary_dir",
+    "read_index",
+    "read_json",
+    "read_tracker",
+    "save_tensors",
+    "step_of",
+    "temporary_dir",
+    "write_file_durably",
+    "write_json",
+]
+
 FORMAT_VERSION = 1
 """The layout's version. `manifest.json` is an addition readers of version 1 ignore, so it kept the
 number: a checkpoint without one (written before checksums) is loaded unverified, with a warning."""
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 COMMON_FILE = "common.json"
 CONFIG_FILE = "run_config.yaml"
-_ITER_DIR = re.compile(r"^iter_(\d{7,})$")
+ITER_DIR = re.compile(r"^iter_(\d{7,})$")
+"""The name of a complete checkpoint's folder: `iter_` and the step, seven digits or more."""
 _TMP_PREFIX, _TRASH_PREFIX = ".tmp_", ".trash_"
 # Bounds for the files of a checkpoint without a manifest (one written before checksums existed).
 JSON_LIMIT = 1 << 30
@@ -69,14 +100,22 @@ def temporary_dir(root: str | os.PathLike, step: int) -> Path:
     return Path(root) / f"{_TMP_PREFIX}iter_{step:07d}"
 
 
+def step_of(directory: Path) -> int:
+    """The step an `iter_0000007` directory holds."""
+    match = ITER_DIR.match(directory.name)
+    if match is None:
+        raise CheckpointError(f"{directory} is not a checkpoint directory (expected a name like iter_0000010)")
+    return int(match.group(1))
+
+
 def find_latest(root: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint under `root`, `root` itself if it is one, else None."""
     root = Path(root)
-    if _ITER_DIR.match(root.name) and root.is_dir():
+    if ITER_DIR.match(root.name) and root.is_dir():
         return root
     if not root.is_dir():
         return None
-    steps = [int(m.group(1)) for p in root.iterdir() if (m := _ITER_DIR.match(p.name)) and p.is_dir()]
+    steps = [int(m.group(1)) for p in root.iterdir() if (m := ITER_DIR.match(p.name)) and p.is_dir()]
     return iteration_dir(root, max(steps)) if steps else None
 
 
@@ -85,7 +124,7 @@ def list_iterations(root: str | os.PathLike) -> list[int]:
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted(int(m.group(1)) for p in root.iterdir() if (m := _ITER_DIR.match(p.name)) and p.is_dir())
+    return sorted(int(m.group(1)) for p in root.iterdir() if (m := ITER_DIR.match(p.name)) and p.is_dir())
 
 
 def write_file_durably(path: Path, data: bytes) -> None:

@@ -25,6 +25,15 @@ from pathlib import Path
 
 from megatron.bridge.checkpoint.integrity import CheckpointError
 
+__all__ = [
+    "CheckpointSaveError",
+    "LOCK_FILE",
+    "SaveFolderInUseError",
+    "SaveFolderLock",
+    "claim_save_folder",
+    "format_bytes",
+]
+
 LOCK_FILE = ".lock"
 _HOLDER_LIMIT = 4096
 _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS}

@@ -21,6 +21,24 @@ import torch
 
 from megatron.bridge.utils.errors import UserError
 
+__all__ = [
+    "Check",
+    "SchemaError",
+    "array",
+    "boolean",
+    "encoded",
+    "integer",
+    "like",
+    "mapping",
+    "nullable",
+    "number",
+    "record",
+    "sequence",
+    "string",
+    "tensor",
+    "validate",
+]
+
 Check = Callable[[Any, str], Any]
 
 

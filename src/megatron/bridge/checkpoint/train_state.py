@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+__all__ = ["TrainState"]
+
 _DTYPES = {"int": torch.int64, "float": torch.float64, "bool": torch.bool}
 
 

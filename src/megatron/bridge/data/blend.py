@@ -25,6 +25,8 @@ import numpy as np
 
 from megatron.bridge.utils.errors import ConfigError
 
+__all__ = ["FORMS", "check_dataset_files", "normalize", "parse_blend"]
+
 FORMS = ('(["path1", "path2"], [w1, w2]), (["path"], None), a flat list like ["30", "pathA", "70", "pathB"] '
          'or ["pathA"], or one path')
 

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+__all__ = ["BlendedDataset", "blend_consistency", "build_blend_indices"]
+
 _BLOCK = 2048
 _MIN_WARMUP = 64
 _GROUP_SAMPLES = 1 << 24  # samples recorded at a time before they are moved into the result

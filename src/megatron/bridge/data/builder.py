@@ -40,6 +40,15 @@ from megatron.bridge.utils.logging import print_rank_0
 if TYPE_CHECKING:
     from megatron.bridge.data.config import GPTDatasetConfig
 
+__all__ = [
+    "Component",
+    "MID_LEVEL_SURPLUS",
+    "build_gpt_datasets",
+    "cache_dir_for",
+    "check_token_ids",
+    "sizes_per_dataset",
+]
+
 # Megatron-LM's `mid_level_dataset_surplus` default: each blended dataset is built this much larger.
 MID_LEVEL_SURPLUS = 0.005
 # (dataset number, samples or None for one epoch) -> that dataset's GPTDataset for the split being built.
@@ -115,9 +124,15 @@ def _build_all(
     for split_no, split in enumerate(SPLITS):
         target = num_samples[split_no]
         if target == 0 or fractions[split_no] == 0:
+            if target and split != "train":
+                name = _SPLIT_NAMES[split]
+                print_rank_0(f"> dataset.split={config.split!r} gives the {name} split no data: no {name} passes "
+                             f"run, though validation.eval_iters asks for {target} samples")
             built.append(None)
             continue
         ranges = [split_document_ranges(len(ds), fractions)[split_no] for ds in indexed]
+        for dataset, document_range in zip(indexed, ranges, strict=True):
+            _check_split_has_documents(config, dataset, split, document_range)
 
         def component(i: int, count: int | None, split: str = split, ranges: list = ranges) -> GPTDataset:
             # Bound as defaults: each split's closure keeps its own split and document ranges.
@@ -133,6 +148,35 @@ def _build_all(
         else:
             built.append(_weighted_blend(config, indexed, shares, split, target, component, options))
     return built[0], built[1], built[2]
+
+
+_SPLIT_NAMES = {"train": "train", "valid": "validation", "test": "test"}
+_EXAMPLE_SPLITS = ("98,1,1", "90,5,5", "80,10,10", "34,33,33")
+
+
+def _check_split_has_documents(config: GPTDatasetConfig, dataset: IndexedDataset, split: str,
+                               document_range: tuple[int, int]) -> None:
+    """DatasetError, saying which `dataset.split` would work, when `split` gets none of `dataset`'s documents."""
+    start, stop = document_range
+    if stop > start:
+        return
+    count = len(dataset)
+    name = _SPLIT_NAMES[split]
+    fits = [example for example in _EXAMPLE_SPLITS if all(
+        b > a for a, b in split_document_ranges(count, _fractions(example)))]
+    if fits:
+        fix = (f"set dataset.split so that each split gets documents, e.g. dataset.split={fits[0]} (this dataset has "
+               f"{count} documents), or give the {name} split weight 0 to go without it")
+    else:
+        fix = (f"this dataset has only {count} documents, too few for three splits: add documents, or set "
+               "dataset.split=100,0,0 to train on all of them without validation and test")
+    raise DatasetError(f"the {name} split of {dataset.prefix} has no documents: dataset.split={config.split!r} gives "
+                       f"it documents [{start}, {stop}) of the {count} in the dataset; {fix}")
+
+
+def _fractions(split: str) -> tuple[float, float, float]:
+    values = [float(part) for part in split.split(",")]
+    return values[0] / sum(values), values[1] / sum(values), values[2] / sum(values)
 
 
 def _weighted_blend(config: GPTDatasetConfig, indexed: list[IndexedDataset], shares: list[float], split: str,

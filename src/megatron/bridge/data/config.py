@@ -15,6 +15,8 @@ from megatron.bridge.utils.config_checks import check_choice, check_positive, ch
 from megatron.bridge.utils.config_fields import KnownFieldsOnly
 from megatron.bridge.utils.errors import config_error
 
+__all__ = ["DATALOADER_TYPES", "GPTDatasetConfig", "MockGPTDatasetConfig", "TOKENIZER_TYPES", "TokenizerConfig"]
+
 TOKENIZER_TYPES = ("NullTokenizer", "HuggingFaceTokenizer")
 DATALOADER_TYPES = ("single", "cyclic")
 

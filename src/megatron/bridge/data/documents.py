@@ -20,6 +20,16 @@ from dataclasses import dataclass
 
 from megatron.bridge.data.indexed_dataset import DatasetError
 
+__all__ = [
+    "Document",
+    "JSON_SUFFIXES",
+    "TEXT_DOCUMENT_MODES",
+    "check_inputs",
+    "is_json_lines",
+    "iter_documents",
+    "total_bytes",
+]
+
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 TEXT_DOCUMENT_MODES = ("file", "paragraph")
 _PARAGRAPH_BREAK = re.compile(r"\n(?:[ \t\r\f\v]*\n)+")

@@ -38,6 +38,27 @@ from torch.utils.data import Dataset
 from megatron.bridge.data.index_cache import ArraySpec, load_or_build
 from megatron.bridge.data.indexed_dataset import DatasetError, IndexedDataset
 
+__all__ = [
+    "EpochPlan",
+    "FINAL_EPOCH_THRESHOLD",
+    "GPTDataset",
+    "INDEX_NAMES",
+    "INDEX_SCHEME",
+    "SPLITS",
+    "SampleOptions",
+    "build_document_index",
+    "build_indices",
+    "build_sample_index",
+    "build_shuffle_index",
+    "check_split_tokens",
+    "make_sample",
+    "plan_epochs",
+    "sample_index_dtype",
+    "shuffle_index_dtype",
+    "split_document_ranges",
+    "whole_samples",
+]
+
 SPLITS = ("train", "valid", "test")
 INDEX_NAMES = ("doc_idx", "sample_idx", "shuffle_idx")
 # In every cache key: indices cached by an earlier scheme (before Megatron-LM's order) are never reused.

@@ -38,6 +38,18 @@ import torch.distributed as dist
 from megatron.bridge.data.indexed_dataset import DatasetError
 from megatron.bridge.utils.parallel import current_layout
 
+__all__ = [
+    "ArraySpec",
+    "Arrays",
+    "CACHE_FORMAT_VERSION",
+    "CachedArrays",
+    "cache_key",
+    "cache_paths",
+    "check_array",
+    "load_or_build",
+    "rank_zero_first",
+]
+
 CACHE_FORMAT_VERSION = 1
 _CHECK_CHUNK = 1 << 22  # elements read at a time when checking values
 _NPY_MAGIC = b"\x93NUMPY"

@@ -32,6 +32,22 @@ import numpy as np
 
 from megatron.bridge.utils.errors import UserError
 
+__all__ = [
+    "DTYPE_CODES",
+    "DatasetError",
+    "HEADER_SIZE",
+    "INDEX_MAGIC",
+    "INDEX_VERSION",
+    "IndexedDataset",
+    "IndexedDatasetWriter",
+    "SCAN_CHUNK_TOKENS",
+    "UINT16_VOCAB_LIMIT",
+    "data_file_paths",
+    "dtype_code",
+    "encode_index",
+    "optimal_dtype",
+]
+
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
 HEADER_SIZE = len(INDEX_MAGIC) + 8 + 1 + 8 + 8

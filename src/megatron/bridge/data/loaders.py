@@ -21,6 +21,8 @@ from megatron.bridge.data.builder import build_gpt_datasets
 from megatron.bridge.data.config import DATALOADER_TYPES, GPTDatasetConfig
 from megatron.bridge.data.mock import MockGPTDataset
 
+__all__ = ["DataIterators", "MicroBatch", "MicroBatchSampler", "build_data_iterators"]
+
 MicroBatch = dict[str, torch.Tensor]
 
 

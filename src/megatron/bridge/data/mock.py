@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+__all__ = ["MAX_DOC_LENGTH", "MIN_DOC_LENGTH", "MockGPTDataset", "SPLITS"]
+
 SPLITS = ("train", "valid", "test")
 MIN_DOC_LENGTH = 16
 MAX_DOC_LENGTH = 256

@@ -37,6 +37,16 @@ from megatron.bridge.data.indexed_dataset import IndexedDatasetWriter, optimal_d
 from megatron.bridge.data.tokenizer import HuggingFaceTokenizer
 from megatron.bridge.utils.errors import INTERRUPTED_STATUS, ConfigError, UserError, one_line
 
+__all__ = [
+    "CHUNKS_IN_FLIGHT_PER_WORKER",
+    "DEFAULT_CHUNK_DOCUMENTS",
+    "PreprocessStats",
+    "build_parser",
+    "encode_documents",
+    "main",
+    "preprocess",
+]
+
 DEFAULT_CHUNK_DOCUMENTS = 64
 CHUNKS_IN_FLIGHT_PER_WORKER = 16
 

@@ -23,6 +23,20 @@ from megatron.bridge.utils.errors import ConfigError
 if TYPE_CHECKING:
     from megatron.bridge.data.config import TokenizerConfig
 
+__all__ = [
+    "CHAT_TEMPLATE_FILE",
+    "ChatTemplateSource",
+    "EOD_CANDIDATES",
+    "HuggingFaceTokenizer",
+    "NullTokenizer",
+    "TEMPLATE_TOKEN_NAMES",
+    "TOKENIZER_CONFIG_FILE",
+    "TOKENIZER_FILE",
+    "Tokenizer",
+    "build_tokenizer",
+    "resolve_tokenizer_file",
+]
+
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"

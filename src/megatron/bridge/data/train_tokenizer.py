@@ -20,6 +20,8 @@ from megatron.bridge.data.documents import TEXT_DOCUMENT_MODES, Document, check_
 from megatron.bridge.data.tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 from megatron.bridge.utils.errors import INTERRUPTED_STATUS, ConfigError, UserError, one_line
 
+__all__ = ["DEFAULT_EOD_TOKEN", "MIN_VOCAB_SIZE", "build_parser", "main", "train_tokenizer"]
+
 DEFAULT_EOD_TOKEN = "<|endoftext|>"
 # 256 byte symbols plus the special token: the smallest vocabulary byte-level BPE can have.
 MIN_VOCAB_SIZE = 257

@@ -30,6 +30,20 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 
 from megatron.bridge.models.norms import build_norm
 
+__all__ = [
+    "Attention",
+    "AttentionMask",
+    "LayerMask",
+    "apply_rotary",
+    "attend",
+    "causal_band",
+    "document_block_mask",
+    "llama3_scaled_frequencies",
+    "rotary_cos_sin",
+    "same_document_causal",
+    "sliding_window_block_mask",
+]
+
 if TYPE_CHECKING:
     from megatron.bridge.models.gpt_provider import GPTModelProvider
 

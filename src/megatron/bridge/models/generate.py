@@ -12,6 +12,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
+__all__ = ["Tokenizer", "generate"]
+
 
 class Tokenizer(Protocol):
     """What sampling needs of a tokenizer (`megatron.bridge.data.tokenizer`'s have it): text to ids and back."""

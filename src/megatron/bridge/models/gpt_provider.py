@@ -18,6 +18,16 @@ from megatron.bridge.models.norms import NORMALIZATIONS
 from megatron.bridge.utils.config_fields import KnownFieldsOnly
 from megatron.bridge.utils.errors import config_error
 
+__all__ = [
+    "ACTIVATION_FUNCS",
+    "LLAMA3_ROPE_KEYS",
+    "POSITION_EMBEDDING_TYPES",
+    "RECOMPUTE_GRANULARITIES",
+    "ROPE_SCALING_TYPES",
+    "GPTModelProvider",
+    "PreWrapHook",
+]
+
 POSITION_EMBEDDING_TYPES = ("rope",)
 RECOMPUTE_GRANULARITIES = (None, "full")
 ROPE_SCALING_TYPES = ("llama3", "linear")

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+__all__ = ["chunked_cross_entropy"]
+
 
 def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     logits = F.linear(hidden, weight)
@@ -45,7 +47,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1)
     if flat_hidden.shape[0] <= chunk_tokens:
-        return chunk_loss(flat_hidden, weight, flat_labels).view(labels.shape)
+        return _unflattened(chunk_loss(flat_hidden, weight, flat_labels), labels.shape)
     losses = []
     for start in range(0, flat_hidden.shape[0], chunk_tokens):
         stop = start + chunk_tokens
@@ -55,4 +57,11 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
             losses.append(checkpoint(chunk_loss, *args, use_reentrant=False))
         else:
             losses.append(chunk_loss(*args))
-    return torch.cat(losses).view(labels.shape)
+    return _unflattened(torch.cat(losses), labels.shape)
+
+
+def _unflattened(losses: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    # A copy, not a view: the model returns these losses, and FSDP2 warns when a sharded root module's
+    # output is a view (an in-place op on it would skip the hook that gathers the weights for backward).
+    # One float per token, next to a chunk of logits.
+    return losses.reshape(shape).clone()

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+__all__ = ["NORMALIZATIONS", "LayerNorm", "RMSNorm", "build_norm", "reset_norm"]
+
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+__all__ = ["PackedSeqParams", "get_packed_seq_params"]
+
 
 @dataclass
 class PackedSeqParams:

@@ -3,8 +3,9 @@
     from megatron.bridge.peft import LoRA
     model = LoRA(dim=16)(model)            # freeze the base, add adapters (before DDP / FSDP2 / compile)
 
-`state` saves, loads and merges adapters; `hf_adapter` writes and reads Hugging Face PEFT folders;
-`flops` counts what a LoRA step computes. See docs/peft.md.
+`state` saves, loads and merges adapters; `flops` counts what a LoRA step computes. Hugging Face PEFT
+folders are written and read by the bridge (`megatron.bridge.models.conversion.peft_adapter`,
+`AutoBridge.save_hf_adapter`). See docs/peft.md.
 """
 
 from megatron.bridge.peft.base import PEFT, freeze_summary, peft_from_dict

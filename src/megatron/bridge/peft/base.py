@@ -28,6 +28,8 @@ from megatron.bridge.peft.targets import ADAPTER_SUFFIX, TARGET_KINDS, Site, mod
 from megatron.bridge.utils.config_fields import KnownFieldsOnly
 from megatron.bridge.utils.errors import ConfigError, UserError, config_error
 
+__all__ = ["DROPOUT_POSITIONS", "PEFT", "freeze_summary", "full_tensor", "peft_from_dict"]
+
 DROPOUT_POSITIONS = ("pre", "post")
 
 

@@ -15,6 +15,8 @@ from megatron.bridge.peft.base import PEFT
 from megatron.bridge.peft.layers import AdaptedLinear, DoRALinear
 from megatron.bridge.utils.errors import config_error
 
+__all__ = ["DoRA"]
+
 
 @dataclass
 class DoRA(PEFT):

@@ -25,6 +25,8 @@ from torch import nn
 
 from megatron.bridge.peft.state import is_adapter_param, unwrap
 
+__all__ = ["lora_flops_per_token"]
+
 # Which stage of a block each of its modules belongs to (the module right under the block, its
 # self_attention or its mlp). Stage 1 is the attention core, which has no parameters.
 _STAGE_OF_MODULE = {

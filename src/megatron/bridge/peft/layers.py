@@ -32,6 +32,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+__all__ = [
+    "AdaptedLinear",
+    "DoRALinear",
+    "INIT_METHODS",
+    "LoRALinear",
+    "LowRankAdapter",
+    "dora_row_norms",
+    "init_weight_",
+]
+
 INIT_METHODS = ("xavier", "kaiming", "normal", "zero")
 """How A and B may be initialised (upstream's names)."""
 

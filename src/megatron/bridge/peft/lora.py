@@ -14,6 +14,8 @@ from typing import ClassVar
 from megatron.bridge.peft.base import PEFT
 from megatron.bridge.peft.layers import AdaptedLinear, LoRALinear
 
+__all__ = ["LoRA"]
+
 
 @dataclass
 class LoRA(PEFT):

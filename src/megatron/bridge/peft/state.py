@@ -23,6 +23,19 @@ from megatron.bridge.peft.layers import AdaptedLinear, LowRankAdapter
 from megatron.bridge.peft.targets import ADAPTER_SUFFIX, TARGET_KINDS
 from megatron.bridge.utils.errors import UserError
 
+__all__ = [
+    "adapter_state_dict",
+    "base_parameters",
+    "has_adapters",
+    "is_adapter_param",
+    "load_adapter_state_dict",
+    "merge",
+    "merged_state_dict",
+    "merged_tensor",
+    "merged_weights",
+    "unwrap",
+]
+
 _ADAPTER_MODULES = frozenset(kind + ADAPTER_SUFFIX for kind in TARGET_KINDS)
 
 

@@ -31,6 +31,8 @@ from megatron.bridge.utils.errors import config_error
 if TYPE_CHECKING:
     from megatron.bridge.models.gpt_provider import GPTModelProvider
 
+__all__ = ["ADAPTER_SUFFIX", "Site", "TARGET_KINDS", "UPSTREAM_PREFIX", "model_sites", "select_sites", "wildcard_match"]
+
 TARGET_KINDS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 """The module kinds LoRA and DoRA may target, in the order they run inside a block."""
 

@@ -19,6 +19,8 @@ from megatron.bridge.training.config import (
     ValidationConfig,
 )
 
+__all__ = ["DEFAULT_VOCAB_SIZE", "long_schedule", "pretrain_common"]
+
 DEFAULT_VOCAB_SIZE = 32_000
 
 
@@ -49,3 +51,14 @@ def pretrain_common(model: GPTModelProvider, *, name: str = "default", dir: str 
         ddp=DistributedDataParallelConfig(check_for_nan_in_grad=True),
         mixed_precision="bf16_mixed",
     )
+
+
+def long_schedule(cfg: ConfigContainer) -> ConfigContainer:
+    """Upstream's Llama 3 and Gemma 3 schedule, set on `cfg` in place: 1,168,251 iterations of 512 sequences
+    (micro batch 1), 2000 warm-up iterations and an evaluation every 2000."""
+    cfg.train.train_iters = 1_168_251
+    cfg.train.global_batch_size = 512
+    cfg.train.micro_batch_size = 1
+    cfg.validation.eval_interval = 2000
+    cfg.scheduler.lr_warmup_iters = 2000
+    return cfg

@@ -20,6 +20,8 @@ from megatron.bridge.training.callbacks import Callback, CallbackContext, untime
 from megatron.bridge.training.metrics import model_flops_per_token, peak_tflops
 from megatron.bridge.utils.parallel import current_layout
 
+__all__ = ["EarlyStopping", "JSONLMetricsWriter", "LossSpikeGuard", "ThroughputMonitor"]
+
 
 def _rank() -> int:
     return current_layout().rank

@@ -42,6 +42,17 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from megatron.bridge.training.state import GlobalState
 
+__all__ = [
+    "Callback",
+    "CallbackContext",
+    "CallbackFn",
+    "CallbackManager",
+    "VALID_EVENTS",
+    "normalize_callbacks",
+    "should_fire",
+    "untimed",
+]
+
 VALID_EVENTS: frozenset[str] = frozenset(
     {
         "on_data_init_start",

@@ -38,6 +38,9 @@ from megatron.bridge.training.optim import OptimizerParamScheduler
 from megatron.bridge.training.state import GlobalState
 from megatron.bridge.utils.logging import print_rank_0
 
+__all__ = ["MODEL_PREFIX", "OPTIMIZER_PREFIX", "CheckpointReader", "KeepEntry", "capture_rng",
+           "flatten_optimizer_state", "keep_all", "model_entries", "restore_rng"]
+
 MODEL_PREFIX, OPTIMIZER_PREFIX = "model.", "optimizer."
 
 KeepEntry = Callable[[str], bool]
@@ -166,7 +169,7 @@ class CheckpointReader:
 
     def _verified_manifest(self, directory: Path) -> integrity.Manifest | None:
         # Every rank reads the small manifest and hashes its share of the files; all learn every verdict.
-        manifest = integrity.read_manifest(directory, saved.step_of(directory))
+        manifest = integrity.read_manifest(directory, io.step_of(directory))
         if manifest is None:
             return None
         problems = integrity.verify(directory, manifest, integrity.share(manifest, self.rank, self.world_size))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,25 +23,18 @@ from megatron.bridge.checkpoint.integrity import CheckpointError
 from megatron.bridge.checkpoint.train_state import TrainState
 from megatron.bridge.training.optim import OptimizerParamScheduler, schedule_state_template
 
+__all__ = ["CheckpointFiles", "FIXED_OVERHEAD", "PER_TENSOR_OVERHEAD", "RankState", "rank_file"]
+
 PER_TENSOR_OVERHEAD = 2048
 """Bytes a checkpoint adds per tensor: `torch.save`'s framing in the `.distcp` file and its index entry."""
 FIXED_OVERHEAD = 256 << 10
 """Bytes of the JSON and YAML files and the manifest of a checkpoint (an upper bound for a few ranks)."""
-_ITER_DIR = re.compile(r"^iter_(\d{7,})$")
 _UINT32 = schema.integer(0, 2**32 - 1)
 
 
 def rank_file(rank: int) -> str:
     """The name of the file holding rank `rank`'s own state (RNG states, callback state)."""
     return f"rank_{rank:05d}.json"
-
-
-def step_of(directory: Path) -> int:
-    """The step an `iter_0000007` directory holds."""
-    match = _ITER_DIR.match(directory.name)
-    if match is None:
-        raise CheckpointError(f"{directory} is not a checkpoint directory (expected a name like iter_0000010)")
-    return int(match.group(1))
 
 
 @dataclass
@@ -147,9 +139,9 @@ class CheckpointFiles:
         return {**common, "train_state": train_state}
 
     def _check_counters(self, path: Path, train_state: TrainState) -> None:
-        if _ITER_DIR.match(self.directory.name) and train_state.step != step_of(self.directory):
+        if io.ITER_DIR.match(self.directory.name) and train_state.step != io.step_of(self.directory):
             raise CheckpointError(f"{path}: train_state.step={train_state.step}, but the checkpoint is that of "
-                                  f"iteration {step_of(self.directory)}")
+                                  f"iteration {io.step_of(self.directory)}")
         if train_state.consumed_train_samples < train_state.step:
             raise CheckpointError(f"{path}: train_state.consumed_train_samples={train_state.consumed_train_samples} "
                                   f"is less than train_state.step={train_state.step} (every step consumes samples)")

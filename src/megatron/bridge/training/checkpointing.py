@@ -50,8 +50,12 @@ from megatron.bridge.training.config import CheckpointConfig
 from megatron.bridge.training.mixed_precision import MixedPrecision
 from megatron.bridge.training.optim import OptimizerParamScheduler
 from megatron.bridge.training.state import GlobalState
+from megatron.bridge.utils.errors import ConfigError, short_repr
 from megatron.bridge.utils.logging import print_rank_0
 from megatron.bridge.utils.parallel import current_layout
+
+__all__ = ["CheckpointManager", "estimate_checkpoint_bytes", "is_hf_model_folder", "missing_load_path",
+           "require_load_path"]
 
 
 class CheckpointManager:
@@ -297,13 +301,19 @@ class CheckpointManager:
         its adapters only. Otherwise the model keeps the weights it was built with.
         """
         cfg, resume = self.config, self._resume_source()
+        missing = missing_load_path(cfg)
+        if missing is not None:
+            start = (f"the weights come from checkpoint.pretrained_checkpoint={cfg.pretrained_checkpoint!r}"
+                     if cfg.pretrained_checkpoint else "training starts from random weights")
+            print_rank_0(f"> WARNING: checkpoint.load={missing!r} does not exist (a typo?): nothing is resumed and "
+                         f"{start}; set checkpoint.load to an existing checkpoint folder, or to null")
         if resume is not None and cfg.finetune:
             self._reader.load_weights(resume, model)
         elif resume is not None and not adapted:
             return
         elif cfg.pretrained_checkpoint:
             self._load_pretrained(Path(cfg.pretrained_checkpoint), model)
-        elif cfg.load and resume is None:
+        elif cfg.load and resume is None and missing is None:
             print_rank_0(f"> no checkpoint found in checkpoint.load={cfg.load!r}; starting from scratch")
 
     def _load_pretrained(self, source: Path, model: torch.nn.Module) -> None:
@@ -361,6 +371,35 @@ def _free_bytes(path: Path) -> int | None:
         return shutil.disk_usage(path).free
     except OSError:
         return None
+
+
+def missing_load_path(config: CheckpointConfig) -> str | None:
+    """`checkpoint.load` when it names a path that does not exist, else None.
+
+    Told apart from an empty folder, which is a run's normal first start: a path that does not exist
+    is most likely a typo. A `load` equal to `save` is a first start too (the run creates the folder).
+    """
+    load = config.load
+    if not load or Path(load).exists():
+        return None
+    if config.save and Path(load).absolute() == Path(config.save).absolute():
+        return None
+    return load
+
+
+def require_load_path(config: CheckpointConfig) -> None:
+    """Refuse a `checkpoint.load` that does not exist (see `missing_load_path`), as `finetune` does.
+
+    Raises:
+        ConfigError: naming `checkpoint.load` and the path, before any work starts.
+    """
+    missing = missing_load_path(config)
+    if missing is not None:
+        raise ConfigError(
+            f"checkpoint.load={short_repr(missing)} is invalid: the path does not exist (a typo?), and finetuning "
+            "from random weights is refused; set it to an existing checkpoint folder, or to null to start from "
+            "checkpoint.pretrained_checkpoint"
+        )
 
 
 def _latest(source: str) -> Path | None:

@@ -39,6 +39,36 @@ from megatron.bridge.utils.config_checks import (
 from megatron.bridge.utils.config_fields import KnownFieldsOnly, UnknownFieldError, to_plain  # noqa: F401
 from megatron.bridge.utils.errors import ConfigError, config_error  # noqa: F401 - re-exported
 
+__all__ = [
+    "CKPT_FORMATS",
+    "CheckpointConfig",
+    "ConfigContainer",
+    "ConfigError",
+    "DATALOADER_TYPES",
+    "DIST_BACKENDS",
+    "DistributedDataParallelConfig",
+    "DistributedInitConfig",
+    "GPTDatasetConfig",
+    "GPTModelProvider",
+    "LR_DECAY_STYLES",
+    "LoggerConfig",
+    "MIXED_PRECISION_RECIPES",
+    "MockGPTDatasetConfig",
+    "NUMPY_SEED_LIMIT",
+    "OPTIMIZERS",
+    "OptimizerConfig",
+    "RNGConfig",
+    "SchedulerConfig",
+    "TOKENIZER_TYPES",
+    "TokenizerConfig",
+    "TrainingConfig",
+    "UnknownFieldError",
+    "ValidationConfig",
+    "WEIGHT_DECAY_INCR_STYLES",
+    "WSD_DECAY_STYLES",
+    "capped_warmup_iters",
+]
+
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "WSD")
 WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
 WEIGHT_DECAY_INCR_STYLES = ("constant", "linear", "cosine")
@@ -429,7 +459,7 @@ class ConfigContainer(KnownFieldsOnly):
                 f"scheduler.lr_warmup_iters={scheduler.lr_warmup_iters} is not shorter than the decay span "
                 f"({decay_iters} steps): warming up over {capped_warmup_iters(scheduler.lr_warmup_iters, decay_iters)} "
                 "steps instead; lower scheduler.lr_warmup_iters (or raise train.train_iters) to silence this",
-                UserWarning, stacklevel=3,
+                UserWarning, stacklevel=2,  # one location for every validation: shown once
             )
         if scheduler.weight_decay_incr_style != "constant":
             return

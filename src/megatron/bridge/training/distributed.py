@@ -17,6 +17,8 @@ import torch.distributed as dist
 from megatron.bridge.training.config import DistributedInitConfig
 from megatron.bridge.utils.parallel import ParallelLayout, build_layout, set_current_layout
 
+__all__ = ["initialize", "teardown"]
+
 
 def initialize(config: DistributedInitConfig, *, tensor_parallel_size: int = 1) -> ParallelLayout:
     """Make sure a process group exists, pick this rank's device, and register the run's layout."""

@@ -1,4 +1,11 @@
-"""Validation and test passes, and the on_eval_* / on_test_* events."""
+"""Validation and test passes, and the on_eval_* / on_test_* events.
+
+With `train.exit_signal_handler`, a pass looks for a signal before each of its steps (all ranks
+agree, one small CPU all-reduce per step in a world of several ranks) and stops there: a pass cut
+short reports no loss and fires no `on_eval_end` / `on_test_end`, since it has no result. In
+training, the loop then saves and stops without `on_train_end` (an early stop); after training,
+`pretrain` skips the passes that remain.
+"""
 
 from __future__ import annotations
 
@@ -9,26 +16,40 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from megatron.bridge.training.callbacks import CallbackContext, should_fire
+from megatron.bridge.training.exit_conditions import SignalCatcher, current_signal_catcher
 from megatron.bridge.training.forward_backward import LossReport, run_microbatches
 from megatron.bridge.training.metrics import log_eval_losses
+from megatron.bridge.utils.logging import print_rank_0
 
 if TYPE_CHECKING:
     from megatron.bridge.training.setup import SetupOutput
+
+__all__ = ["evaluate"]
 
 
 def evaluate(run: SetupOutput, mode: str, *, final: bool = False) -> dict[str, torch.Tensor] | None:
     """Run `eval_iters` global batches of the validation (`mode="eval"`) or test split.
 
     Returns {"lm loss": 0-dim tensor}, the token-weighted mean over every step and rank, or None
-    when there is nothing to evaluate. `final`: the pass after training (labelled as such).
+    when there is nothing to evaluate or a signal stopped the pass (see the module's docstring).
+    `final`: the pass after training (labelled as such).
     """
     assert mode in ("eval", "test"), mode
     data_iterator = run.data.valid if mode == "eval" else run.data.test
     eval_iters = run.state.cfg.validation.eval_iters
     if data_iterator is None or eval_iters == 0:
         return None
-    total_loss_dict = _run_pass(run, mode, data_iterator, eval_iters)
-    log_eval_losses(run.state, "validation" if mode == "eval" else "test", total_loss_dict, final=final)
+    signals = current_signal_catcher()
+    name = "validation" if mode == "eval" else "test"
+    if signals is not None:
+        signals.current_pass = name
+    try:
+        total_loss_dict = _run_pass(run, mode, data_iterator, eval_iters, signals)
+    finally:
+        if signals is not None:
+            signals.current_pass = None
+    if total_loss_dict is not None:
+        log_eval_losses(run.state, name, total_loss_dict, final=final)
     return total_loss_dict
 
 
@@ -53,13 +74,20 @@ _EVENTS = {
 }
 
 
-def _run_pass(run: SetupOutput, mode: str, data_iterator: Iterator[Any], eval_iters: int) -> dict[str, torch.Tensor]:
+def _run_pass(run: SetupOutput, mode: str, data_iterator: Iterator[Any], eval_iters: int,
+              signals: SignalCatcher | None) -> dict[str, torch.Tensor] | None:
     callbacks, events = run.callbacks, _EVENTS[mode]
     _set_mode(run, training=False)
     if should_fire(callbacks, events.start):
         callbacks.fire(events.start, _context(run))
     total = None
-    for _ in range(eval_iters):
+    for done in range(eval_iters):
+        received = signals.received_on_any_rank() if signals is not None else None
+        if received:
+            print_rank_0(f"> {received}: {signals.current_pass} pass stopped after {done} of "
+                         f"validation.eval_iters={eval_iters} steps; it reports no loss")
+            _set_mode(run, training=True)
+            return None
         if should_fire(callbacks, events.step_start):
             callbacks.fire(events.step_start, _context(run))
         total = _accumulate(total, _eval_step(run, data_iterator))

@@ -7,8 +7,13 @@ Two kinds of stop:
   fires `on_train_end`.
 
 With `exit_signal_handler`, `pretrain` catches signals from the start of training until the
-post-training validation and test passes end: a signal during those passes (or the final save)
-lets the pass under way finish, skips the rest, and `pretrain` returns normally.
+post-training validation and test passes end. The first SIGINT or SIGTERM is acknowledged at once
+on rank 0 and stops the run within one step: a training step finishes, then the run saves and
+stops; a validation or test pass stops before its next step (it reports no loss and fires no
+`on_eval_end` / `on_test_end`), and the passes after it are skipped. A second signal stops the
+process at once: SIGINT raises `KeyboardInterrupt` (the command line exits with status 130),
+SIGTERM `SystemExit(143)`. A checkpoint being written then is left as a `.tmp_*` folder only
+(see `checkpoint.io`), never as an `iter_*` one.
 
 Callbacks may also request a checkpoint or a validation pass. Every rank must take the same
 decision at the same step or the ranks deadlock, so the local flags of all ranks are combined
@@ -19,9 +24,12 @@ could differ between ranks.
 from __future__ import annotations
 
 import datetime
+import os
 import signal
+import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 
@@ -32,7 +40,10 @@ from megatron.bridge.training.config import TrainingConfig
 from megatron.bridge.training.state import RunRequests
 from megatron.bridge.utils.parallel import current_layout
 
+__all__ = ["ExitConditions", "SignalCatcher", "StepDecision", "current_signal_catcher"]
+
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_current_catcher: SignalCatcher | None = None
 
 
 @dataclass
@@ -54,18 +65,33 @@ class StepDecision:
         return bool(self.stop_reason or self.checkpoint_reason or self.validation_reason)
 
 
-class SignalCatcher:
-    """While in `with`, SIGTERM and SIGINT are recorded (`received`) instead of ending the process.
+def current_signal_catcher() -> SignalCatcher | None:
+    """The outermost enabled `SignalCatcher` now entered (the same on every rank of a run), or None."""
+    return _current_catcher
 
-    Only when `enabled` and on the main thread (Python lets only the main thread install handlers);
-    elsewhere signals keep their handlers. A catcher entered while another one is installed shares
-    the outer one's record instead of installing its own, so nothing received in between is lost.
+
+class SignalCatcher:
+    """While in `with`, a first SIGTERM or SIGINT is recorded (`received`) instead of ending the process.
+
+    The first signal is acknowledged at once on rank 0 with what happens next (`describe`); a second
+    one ends the process at once: SIGINT raises `KeyboardInterrupt`, SIGTERM `SystemExit(143)`.
+
+    Handlers are installed only when `enabled` and on the main thread (Python lets only the main
+    thread install them); elsewhere signals keep their handlers. A catcher entered while another is
+    entered shares the outer one's record instead of installing its own, so nothing received in
+    between is lost. While entered, an enabled catcher is `current_signal_catcher()` on every rank, on
+    any thread, so that all ranks take part in `received_on_any_rank` at the same points.
     """
 
-    def __init__(self, enabled: bool, *, timeout: datetime.timedelta | None = None) -> None:
+    def __init__(self, enabled: bool, *, timeout: datetime.timedelta | None = None,
+                 describe: Callable[[], str] | None = None) -> None:
         self.enabled = enabled
         self.timeout = timeout
         """How long `received_on_any_rank` may wait for the other ranks (None: gloo's default)."""
+        self.describe = describe
+        """What the run does after the first signal, e.g. "finishing iteration 7, then saving and stopping"."""
+        self.current_pass: str | None = None
+        """The evaluation pass under way ("validation", "test"), set by the pass, for the acknowledgement."""
         self._received: int | None = None
         self._outer: SignalCatcher | None = None
         self._previous_handlers: dict[int, object] = {}
@@ -73,28 +99,42 @@ class SignalCatcher:
 
     @property
     def received(self) -> int | None:
-        """The last signal caught, if any."""
+        """The signal caught, if any."""
         return self._outer.received if self._outer is not None else self._received
 
     def __enter__(self) -> SignalCatcher:
-        if not (self.enabled and threading.current_thread() is threading.main_thread()):
+        global _current_catcher
+        if not self.enabled:
             return self
-        current = getattr(signal.getsignal(_SIGNALS[0]), "__self__", None)
-        if isinstance(current, SignalCatcher):
-            self._outer = current
+        if _current_catcher is not None:
+            self._outer = _current_catcher
             return self
-        for sig in _SIGNALS:
-            self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
+        _current_catcher = self
+        if threading.current_thread() is threading.main_thread():
+            for sig in _SIGNALS:
+                self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        global _current_catcher
         for sig, handler in self._previous_handlers.items():
             signal.signal(sig, handler)
         self._previous_handlers.clear()
+        if _current_catcher is self:
+            _current_catcher = None
         self._outer = None
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self._received is not None:
+            _say(f"> received {name} again: stopping now")
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
         self._received = signum
+        plan = self.describe() if self.describe is not None else "finishing the current step, then stopping"
+        again = "press Ctrl-C again" if signum == signal.SIGINT else f"send {name} again"
+        _say(f"> received {name}: {plan}; {again} to stop now")
 
     def received_on_any_rank(self) -> str | None:
         """"received SIGTERM" (or SIGINT) when this rank caught a signal, a note when another did, else None.
@@ -194,3 +234,14 @@ class ExitConditions:
 
 def _rank() -> int:
     return current_layout().rank
+
+
+def _say(message: str) -> None:
+    # From a signal handler: the main thread may be inside a print to the same stream, which Python
+    # refuses to re-enter; the message then goes to stderr unbuffered.
+    if current_layout().rank != 0:
+        return
+    try:
+        print(message, flush=True)
+    except RuntimeError:
+        os.write(sys.stderr.fileno(), f"{message}\n".encode())

@@ -19,6 +19,8 @@ from megatron.bridge.training.parallelize import set_grad_sync
 from megatron.bridge.training.state import GlobalState
 from megatron.bridge.utils.parallel import current_layout
 
+__all__ = ["ForwardStep", "LossReport", "adapt_forward_step", "run_microbatches"]
+
 ForwardStep = Callable[[GlobalState, Iterator[Any], torch.nn.Module], tuple[torch.Tensor, Callable]]
 _STATE_NAMES = ("state", "global_state")
 _ACCEPTED = (

@@ -15,6 +15,8 @@ import torch
 from megatron.bridge.models.packed_seq import get_packed_seq_params
 from megatron.bridge.training.state import GlobalState
 
+__all__ = ["BATCH_KEYS", "HOST_KEYS", "forward_step", "get_batch", "masked_next_token_loss"]
+
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 HOST_KEYS = ("max_seqlen",)
 """Batch entries left on the host: read as Python numbers, they would stall it on a device copy."""

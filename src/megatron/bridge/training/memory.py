@@ -34,6 +34,15 @@ from dataclasses import dataclass
 
 import torch
 
+__all__ = [
+    "LOSS_CHUNK_TOKENS",
+    "MemoryEstimate",
+    "activation_bytes",
+    "device_memory_bytes",
+    "estimate_memory",
+    "resident_bytes",
+]
+
 LOSS_CHUNK_TOKENS = 4096
 """Tokens per chunk of the chunked cross-entropy (`models.losses.chunked_cross_entropy`'s default)."""
 _CGROUP_LIMIT = "/sys/fs/cgroup/memory.max"

@@ -34,6 +34,17 @@ from megatron.bridge.training.state import GlobalState
 from megatron.bridge.training.step_ledger import StepOutcome
 from megatron.bridge.utils.logging import print_rank_0
 
+__all__ = [
+    "LOOP_TIMERS",
+    "PEAK_BF16_TFLOPS",
+    "MetricsLogger",
+    "RunTotals",
+    "StepResult",
+    "log_eval_losses",
+    "model_flops_per_token",
+    "peak_tflops",
+]
+
 # Dense bf16 peak rates per device, in TFLOP/s, for MFU; the first key found in the device name wins.
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
 

@@ -18,6 +18,8 @@ from contextlib import AbstractContextManager
 
 import torch
 
+__all__ = ["MixedPrecision"]
+
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

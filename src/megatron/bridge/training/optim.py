@@ -1,11 +1,14 @@
 """Optimizer, learning-rate / weight-decay scheduler and gradient clipping.
 
-`setup_optimizer` turns `OptimizerConfig` and `SchedulerConfig` into a `torch.optim` optimizer with two
-parameter groups (decay and no-decay) and an `OptimizerParamScheduler` that owns the learning rate and
-weight decay of every group. `get_grad_norm` computes the global gradient norm and clips the gradients
-without synchronising with the host.
+`setup_optimizer` turns `OptimizerConfig` and `SchedulerConfig` into a `torch.optim` optimizer with
+parameter groups (decay and no-decay, and with `lr_mult` a scaled pair) and an `OptimizerParamScheduler`
+that owns the learning rate and weight decay of every group, with Megatron-LM's semantics: each group
+carries its own `max_lr` / `min_lr` (set when the groups are built), and only `wd_mult` applies at step
+time. `get_grad_norm` computes the global gradient norm and clips the gradients without synchronising
+with the host.
 
-Everything counts in optimizer steps (iterations), as in Megatron.
+Everything counts in optimizer steps (iterations). (Megatron-LM's own training loop advances its
+scheduler by the global batch size, so its `num_steps` and step counts are in samples.)
 """
 
 from __future__ import annotations
@@ -26,7 +29,14 @@ from megatron.bridge.training.config import (
     capped_warmup_iters,
 )
 
-__all__ = ["OptimizerParamScheduler", "get_grad_norm", "get_grad_norm_and_clip", "setup_optimizer"]
+__all__ = [
+    "OptimizerParamScheduler",
+    "default_wsd_decay_steps",
+    "get_canonical_lr_for_logging",
+    "get_grad_norm",
+    "get_grad_norm_and_clip",
+    "setup_optimizer",
+]
 
 # Each maps the fraction r in [0, 1] of a decay phase to the share of (max_lr - min_lr) still left:
 # 1 at r=0, 0 at r=1.
@@ -60,6 +70,28 @@ def schedule_state_template() -> dict[str, Any]:
     return {**{name: kind() for name, kind in _SCHEDULE_FIELDS.items()}, "num_steps": 0}
 
 
+# Older names Megatron-LM's scheduler still reads in a state dict, for the field each stands for.
+_LEGACY_STATE_KEYS: dict[str, tuple[str, ...]] = {
+    "max_lr": ("start_lr",),
+    "lr_warmup_steps": ("warmup_iter", "warmup_steps"),
+    "lr_decay_steps": ("end_iter", "decay_steps"),
+    "lr_decay_style": ("decay_style",),
+    "num_steps": ("num_iters",),
+}
+
+
+def get_canonical_lr_for_logging(param_groups: list[dict[str, Any]]) -> float | None:
+    """The learning rate of the first group marked `default_config=True`, or None when there is none.
+
+    As Megatron-LM's function of that name: the groups on the default schedule (no group-specific
+    `max_lr` / `min_lr`) share one rate, so the first of them stands for the run in logs.
+    """
+    for group in param_groups:
+        if group.get("default_config", False):
+            return group.get("lr")
+    return None
+
+
 def default_wsd_decay_steps(lr_warmup_steps: int, lr_decay_steps: int) -> int:
     """WSD's final decay length when none is given: 10% of the decay span, at least one step."""
     return max(1, (lr_decay_steps - lr_warmup_steps) // 10)
@@ -78,13 +110,17 @@ class OptimizerParamScheduler:
     Weight decay moves from `start_wd` to `end_wd` over `wd_incr_steps` with `wd_incr_style`
     ("constant", which needs `start_wd == end_wd`, "linear" or "cosine").
 
-    Each group receives `lr = get_lr(group) * group.get("lr_mult", 1.0)` and
-    `weight_decay = get_wd() * group.get("wd_mult", 1.0)`; a group may also carry its own "max_lr" and
-    "min_lr". The constructor applies step 0 right away, so the first optimizer step already uses the
-    warm-up's initial learning rate; call `step()` after every optimizer step.
+    As in Megatron-LM, each group receives `lr = get_lr(group)`, where the group's own "max_lr" and
+    "min_lr" (when it has them) replace the scheduler's, and `weight_decay = get_wd(group) *
+    group.get("wd_mult", 1.0)`, where the group's own "start_wd" / "end_wd" replace the scheduler's.
+    A group's "lr_mult" is never read here: `setup_optimizer` folds it into the group's "max_lr" and
+    "min_lr" when it builds the groups. The constructor applies step 0 right away, so the first
+    optimizer step already uses the warm-up's initial learning rate; call `step()` after every
+    optimizer step.
 
     With `override_opt_param_scheduler=True`, `load_state_dict` restores only the step count and keeps
-    the schedule given here; otherwise the checkpoint's schedule replaces it.
+    the schedule given here; otherwise the checkpoint's schedule replaces it. A state dict written by
+    Megatron-LM's scheduler loads too (its keys are a subset of ours; its older names are read as well).
     """
 
     def __init__(
@@ -164,10 +200,9 @@ class OptimizerParamScheduler:
             return min_lr
         if self.lr_decay_style == "WSD":
             stable_end = self.lr_decay_steps - self.wsd_decay_steps
-            if step <= stable_end:
-                return max_lr
-            ratio = (step - stable_end) / self.wsd_decay_steps
-            coeff = _DECAY_COEFFICIENTS[self.lr_wsd_decay_style](ratio)
+            # The stable phase is min_lr + 1 * (max_lr - min_lr), as Megatron-LM computes it, to the last bit.
+            ratio = max(step - stable_end, 0) / self.wsd_decay_steps
+            coeff = 1.0 if step <= stable_end else _DECAY_COEFFICIENTS[self.lr_wsd_decay_style](ratio)
         else:
             # Non-zero: here lr_warmup_steps < step <= lr_decay_steps (or no warm-up at all).
             span = self.lr_decay_steps - self.lr_warmup_steps
@@ -175,25 +210,30 @@ class OptimizerParamScheduler:
             coeff = _DECAY_COEFFICIENTS[self.lr_decay_style](ratio)
         return min_lr + coeff * (max_lr - min_lr)
 
-    def get_wd(self) -> float:
-        """The scheduled weight decay at `num_steps`, before the group's `wd_mult`."""
-        if self.wd_incr_style == "constant" or self.num_steps >= self.wd_incr_steps:
-            return self.end_wd
+    def get_wd(self, param_group: dict[str, Any] | None = None) -> float:
+        """The scheduled weight decay at `num_steps`, before the group's `wd_mult`.
+
+        A `param_group` carrying "start_wd" / "end_wd" uses those instead of the scheduler's.
+        """
+        group = param_group or {}
+        start_wd = group.get("start_wd", self.start_wd)
+        end_wd = group.get("end_wd", self.end_wd)
+        if self.wd_incr_style == "constant" or self.num_steps > self.wd_incr_steps:
+            return end_wd
         ratio = self.num_steps / self.wd_incr_steps
         if self.wd_incr_style == "linear":
             coeff = ratio
         else:
             # Cosine increment: slow at both ends, 0 at ratio 0 and 1 at ratio 1.
             coeff = 0.5 * (math.cos(math.pi * (1.0 - ratio)) + 1.0)
-        return self.start_wd + coeff * (self.end_wd - self.start_wd)
+        return start_wd + coeff * (end_wd - start_wd)
 
     def step(self, increment: int = 1) -> None:
         """Advance by `increment` optimizer steps and write lr and weight decay into every group."""
         self.num_steps += increment
-        wd = self.get_wd()
         for group in self.optimizer.param_groups:
-            group["lr"] = self.get_lr(group) * group.get("lr_mult", 1.0)
-            group["weight_decay"] = wd * group.get("wd_mult", 1.0)
+            group["lr"] = self.get_lr(group)
+            group["weight_decay"] = self.get_wd(group) * group.get("wd_mult", 1.0)
 
     def state_dict(self) -> dict[str, Any]:
         """The step count and the schedule, as plain Python numbers and strings."""
@@ -206,8 +246,10 @@ class OptimizerParamScheduler:
 
         Call it after `optimizer.load_state_dict`, which would otherwise overwrite the groups' lr and
         weight decay with the checkpoint's stale values. Schedule fields missing from an older
-        checkpoint keep the constructor's values.
+        checkpoint (or from one of Megatron-LM's, which has no `init_lr` or WSD fields) keep the
+        constructor's values.
         """
+        state_dict = _canonical_state(state_dict)
         if not self.override_opt_param_scheduler:
             for name, kind in _SCHEDULE_FIELDS.items():
                 if name in state_dict:
@@ -215,6 +257,18 @@ class OptimizerParamScheduler:
             self._validate()
         self.num_steps = int(state_dict["num_steps"])
         self.step(increment=0)
+
+
+def _canonical_state(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """`state_dict` with Megatron-LM's older key names read as today's (a current name wins)."""
+    state = dict(state_dict)
+    for name, legacy_names in _LEGACY_STATE_KEYS.items():
+        for legacy in legacy_names:
+            if name not in state and legacy in state:
+                state[name] = state.pop(legacy)
+    if "num_steps" not in state:
+        raise KeyError("num_steps (the scheduler's step count) is missing")
+    return state
 
 
 def _unique_trainable_params(model_chunks: Iterable[nn.Module]) -> list[nn.Parameter]:
@@ -230,13 +284,30 @@ def _unique_trainable_params(model_chunks: Iterable[nn.Module]) -> list[nn.Param
     return params
 
 
-def _param_groups(model_chunks: Iterable[nn.Module]) -> list[dict[str, Any]]:
-    decay, no_decay = [], []
+ScaleLrCond = Callable[[str, nn.Parameter], bool]
+"""`(name, param) -> bool`: True for a parameter whose learning rate `lr_mult` scales."""
+
+
+def _param_groups(model_chunks: Iterable[nn.Module], *, lr: float, min_lr: float,
+                  scale_lr_cond: ScaleLrCond | None = None, lr_mult: float = 1.0) -> list[dict[str, Any]]:
+    """Decay / no-decay groups, each scaled or not, with Megatron-LM's keys; empty groups left out.
+
+    A scaled group's `max_lr` and `min_lr` are `lr * lr_mult` and `min_lr * lr_mult`, fixed here (the
+    scheduler reads them, never `lr_mult`); it is not on the default schedule (`default_config=False`).
+    """
+    names = {id(param): name for chunk in model_chunks for name, param in chunk.named_parameters()}
+    buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for param in _unique_trainable_params(model_chunks):
         # Biases and norm weights are vectors; decaying them towards zero only hurts.
-        (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "wd_mult": 1.0}, {"params": no_decay, "wd_mult": 0.0}]
-    return [group for group in groups if group["params"]]
+        scaled = scale_lr_cond is not None and lr_mult != 1.0 and scale_lr_cond(names[id(param)], param)
+        buckets.setdefault((param.ndim >= 2, scaled), []).append(param)
+    groups = []
+    for decays, scaled in ((True, False), (False, False), (True, True), (False, True)):
+        if (decays, scaled) in buckets:
+            mult = lr_mult if scaled else 1.0
+            groups.append({"params": buckets[(decays, scaled)], "wd_mult": 1.0 if decays else 0.0, "lr_mult": mult,
+                           "max_lr": lr * mult, "min_lr": min_lr * mult, "default_config": not scaled})
+    return groups
 
 
 def _build_scheduler(
@@ -273,20 +344,29 @@ def setup_optimizer(
     model_chunks: list[nn.Module],
     *,
     train_iters: int,
+    scale_lr_cond: ScaleLrCond | None = None,
+    lr_mult: float = 1.0,
 ) -> tuple[torch.optim.Optimizer, OptimizerParamScheduler]:
     """Build the optimizer over all chunks' trainable parameters, and its scheduler.
 
     Parameters with two or more dimensions go into a decay group (`wd_mult=1.0`), the rest (biases,
     norm weights) into a no-decay group (`wd_mult=0.0`); an empty group is left out. Shared (tied)
-    parameters are counted once. `adam` is `torch.optim.AdamW` (decoupled weight decay), fused when every
-    parameter lives on CUDA; `sgd` is `torch.optim.SGD` with momentum (its weight decay is L2).
+    parameters are counted once. Every group carries Megatron-LM's keys: `max_lr` and `min_lr`
+    (`optimizer.lr` and `optimizer.min_lr`), `wd_mult`, `lr_mult` and `default_config`. Parameters for
+    which `scale_lr_cond(name, param)` is True go into groups of their own whose `max_lr` and `min_lr`
+    are multiplied by `lr_mult` (as Megatron-LM's `scale_lr_cond` / `lr_mult`). Since the groups carry
+    their own peak and floor, these follow this config also when a resume loads a checkpoint's schedule.
+
+    `adam` is `torch.optim.AdamW` (decoupled weight decay), fused when every parameter lives on CUDA;
+    `sgd` is `torch.optim.SGD` with momentum (its weight decay is L2).
 
     The scheduler decays until `scheduler_config.lr_decay_iters` (default `train_iters`), increments
     weight decay over `train_iters`, and defaults both ends of weight decay to
     `optimizer_config.weight_decay`. With WSD and no `lr_wsd_decay_iters`, the final decay lasts 10% of
     the decay span (at least one step). The returned groups already hold step 0's lr and weight decay.
     """
-    groups = _param_groups(model_chunks)
+    groups = _param_groups(model_chunks, lr=optimizer_config.lr, min_lr=optimizer_config.min_lr,
+                           scale_lr_cond=scale_lr_cond, lr_mult=lr_mult)
     if not groups:
         raise ValueError("model_chunks has no parameters that require grad: nothing to optimize")
     params = [p for group in groups for p in group["params"]]

@@ -23,6 +23,8 @@ from torch.nn.parallel import DistributedDataParallel
 from megatron.bridge.training.config import ConfigContainer
 from megatron.bridge.utils.parallel import ParallelLayout
 
+__all__ = ["parallelize", "reduce_gradients", "set_grad_sync", "should_compile", "uses_fsdp"]
+
 
 def uses_fsdp(cfg: ConfigContainer) -> bool:
     """True when the config asks for sharded parameters and optimizer state."""
@@ -42,8 +44,9 @@ def parallelize(model: torch.nn.Module, cfg: ConfigContainer, layout: ParallelLa
     if uses_fsdp(cfg):
         return _apply_fsdp(model, cfg, layout)
     device_ids = [layout.device.index] if layout.device.type == "cuda" else None
-    wrapped = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False,
-                                      process_group=layout.data_parallel_group)
+    # No buffer option: the decoder has no buffers (RoPE frequencies are recomputed per call), so DDP's
+    # buffer broadcast has nothing to send; torch 2.13 deprecates `broadcast_buffers` and warns on any value.
+    wrapped = DistributedDataParallel(model, device_ids=device_ids, process_group=layout.data_parallel_group)
     reduce_in_bf16 = cfg.compute_dtype == "bf16" and not cfg.ddp.grad_reduce_in_fp32 and layout.device.type == "cuda"
     if not cfg.ddp.overlap_grad_reduce:
         wrapped.reduce_after_backward = torch.bfloat16 if reduce_in_bf16 else torch.float32

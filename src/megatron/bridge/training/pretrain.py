@@ -14,6 +14,8 @@ from megatron.bridge.training.state import GlobalState
 from megatron.bridge.utils.logging import print_rank_0
 from megatron.bridge.utils.parallel import data_parallel_size, launched_world_size
 
+__all__ = ["planned_data_parallel_size", "pretrain"]
+
 
 def pretrain(
     config: ConfigContainer,
@@ -47,8 +49,11 @@ def pretrain(
     try:
         run = setup(state, forward_step, manager, layout)
         timeout = datetime.timedelta(minutes=config.dist.distributed_timeout_minutes)
-        with SignalCatcher(config.train.exit_signal_handler, timeout=timeout) as signals:
+        progress = _Progress(run)
+        with SignalCatcher(config.train.exit_signal_handler, timeout=timeout, describe=progress.describe) as signals:
+            progress.signals = signals
             completed = config.validation.skip_train or train(run)
+            progress.trained = True
             for mode in ("eval", "test") if completed else ():
                 received = signals.received_on_any_rank()
                 if received:
@@ -67,6 +72,30 @@ def pretrain(
         gc.collect()
         state.close_loggers()
         distributed.teardown(layout)
+
+
+class _Progress:
+    """What a run does after a first Ctrl-C, in words, for the acknowledgement printed at once."""
+
+    def __init__(self, run: Any) -> None:
+        self.run = run
+        self.signals: Any = None
+        self.trained = False
+        """True once the training loop (and its final save) is over: only the passes remain."""
+
+    def describe(self) -> str:
+        """E.g. "finishing iteration 7, then saving and stopping"."""
+        cfg, step = self.run.state.cfg, self.run.state.train_state.step
+        current_pass = self.signals.current_pass if self.signals is not None else None
+        if self.trained:
+            now = f"stopping the {current_pass} pass after this step" if current_pass else "finishing this step"
+            return f"{now}, then skipping the post-training passes"
+        then = "then saving and stopping" if cfg.checkpoint.save else "then stopping"
+        if current_pass:
+            return f"stopping the {current_pass} pass after this step, {then}"
+        if step >= cfg.train.train_iters:
+            return "finishing the final checkpoint, then skipping the post-training passes"
+        return f"finishing iteration {step + 1}, {then}"
 
 
 def _resolve_vocab_size(config: ConfigContainer) -> None:

@@ -32,6 +32,17 @@ if TYPE_CHECKING:
     from megatron.bridge.training.config import ConfigContainer
     from megatron.bridge.training.metrics import RunTotals
 
+__all__ = [
+    "NO_DEFAULT",
+    "describe_run",
+    "differences_from_defaults",
+    "phase",
+    "print_config_differences",
+    "print_memory_estimate",
+    "print_resume_differences",
+    "print_summary",
+]
+
 NO_DEFAULT = object()
 """The default `differences_from_defaults` reports for a field that has none."""
 _MISSING = object()

@@ -30,6 +30,8 @@ import torch
 from megatron.bridge.training.state import GlobalState
 from megatron.bridge.training.step_ledger import StepOutcome, read_from_device
 
+__all__ = ["VS_SAMPLES", "TrainingScalars", "write_scalars"]
+
 VS_SAMPLES = frozenset({"learning-rate", "batch-size", "loss-scale", "grad-norm"})
 """Step scalars also written against consumed samples (the losses are too)."""
 

@@ -39,6 +39,8 @@ from megatron.bridge.training.step_ledger import StepLedger
 from megatron.bridge.utils.logging import print_rank_0
 from megatron.bridge.utils.parallel import ParallelLayout
 
+__all__ = ["SetupOutput", "set_seed", "setup"]
+
 
 @dataclass
 class SetupOutput:

@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from megatron.bridge.checkpoint.train_state import TrainState
-from megatron.bridge.training.timers import Timer, Timers  # noqa: F401 - re-exported
+from megatron.bridge.training.timers import Timer, Timers
 from megatron.bridge.utils.parallel import current_layout
 
 if TYPE_CHECKING:
     from megatron.bridge.training.config import ConfigContainer
+
+__all__ = ["GlobalState", "RunRequests", "Timer", "Timers", "TrainState"]
 
 
 @dataclass

@@ -32,6 +32,8 @@ from megatron.bridge.checkpoint.train_state import TrainState
 from megatron.bridge.training.callbacks import untimed
 from megatron.bridge.training.optim import OptimizerParamScheduler
 
+__all__ = ["StepLedger", "StepOutcome", "read_from_device"]
+
 
 class StepOutcome:
     """One step's gradient norm and whether its update was skipped; on the device until read."""

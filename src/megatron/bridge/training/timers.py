@@ -27,6 +27,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+__all__ = ["LOG_OPTIONS", "MAX_LOG_LEVEL", "DummyTimer", "Timer", "Timers"]
+
 MAX_LOG_LEVEL = 2
 """The finest timing level: 0 the iteration time, 1 once-per-step phases, 2 per-micro-batch work."""
 LOG_OPTIONS = ("max", "minmax", "all")

@@ -21,6 +21,8 @@ from megatron.bridge.training.step_ledger import StepOutcome
 from megatron.bridge.training.timers import Timers
 from megatron.bridge.utils.logging import print_rank_0
 
+__all__ = ["train", "train_step"]
+
 
 def train(run: SetupOutput) -> bool:
     """Train until `train_iters`; return False when an early-stop condition ended training."""

@@ -8,6 +8,16 @@ from typing import Any
 
 from megatron.bridge.utils.errors import config_error
 
+__all__ = [
+    "NUMPY_SEED_LIMIT",
+    "check_choice",
+    "check_fraction",
+    "check_number",
+    "check_positive",
+    "check_seed",
+    "is_int",
+]
+
 NUMPY_SEED_LIMIT = 2**32
 """Seeds must be below this: NumPy's legacy seeding takes 32-bit integers."""
 

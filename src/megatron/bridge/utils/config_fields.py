@@ -16,6 +16,8 @@ from typing import Any
 
 from megatron.bridge.utils.errors import ConfigError
 
+__all__ = ["KnownFieldsOnly", "UnknownFieldError", "known_fields", "to_plain", "unknown_field_error"]
+
 
 class UnknownFieldError(ConfigError, AttributeError):
     """Assignment of a field a config class does not have.

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+__all__ = ["ConfigError", "INTERRUPTED_STATUS", "UserError", "config_error", "one_line", "short_repr"]
+
 INTERRUPTED_STATUS = 130
 """Exit status of a command stopped by Ctrl-C (128 + SIGINT), as shells report it."""
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from megatron.bridge.utils.parallel import current_layout
 
+__all__ = ["is_rank_zero", "print_rank_0"]
+
 
 def is_rank_zero() -> bool:
     """True on global rank 0, and in a process without a process group."""

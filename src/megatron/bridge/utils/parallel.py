@@ -25,6 +25,15 @@ from megatron.bridge.utils.errors import config_error
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
+__all__ = [
+    "ParallelLayout",
+    "build_layout",
+    "current_layout",
+    "data_parallel_size",
+    "launched_world_size",
+    "set_current_layout",
+]
+
 
 @dataclass(frozen=True)
 class ParallelLayout:

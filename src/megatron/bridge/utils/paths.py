@@ -12,6 +12,8 @@ from pathlib import Path, PurePosixPath
 
 from megatron.bridge.utils.errors import UserError, short_repr
 
+__all__ = ["resolve_inside"]
+
 
 def resolve_inside(folder: str | os.PathLike, relative: object, *, what: str) -> Path:
     """`folder / relative`, after checking that it stays inside `folder` (symlinks followed).

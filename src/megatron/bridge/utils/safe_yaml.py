@@ -19,6 +19,8 @@ from yaml.resolver import Resolver
 
 from megatron.bridge.utils.errors import UserError
 
+__all__ = ["MAX_DEPTH", "MAX_YAML_BYTES", "YAMLInputError", "load_yaml_file", "safe_load"]
+
 MAX_YAML_BYTES = 2**20
 """Largest YAML file read; a run's config is a few kilobytes (reading 1 MiB takes seconds)."""
 MAX_DEPTH = 64

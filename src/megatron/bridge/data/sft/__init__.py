@@ -13,3 +13,19 @@ Modules, in the order data flows through them:
 
 The public names are exported from `megatron.bridge.data`.
 """
+
+from megatron.bridge.utils.lazy import lazy_attributes
+
+# Its modules, each imported on first access: `import` of the package is enough to reach them.
+__all__ = [
+    "builder",
+    "chat_template",
+    "collate",
+    "config",
+    "formats",
+    "packing",
+    "tokenization",
+]
+
+__getattr__, __dir__ = lazy_attributes(__name__, globals(), dict.fromkeys(__all__))
+del lazy_attributes

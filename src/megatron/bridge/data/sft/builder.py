@@ -31,6 +31,8 @@ from megatron.bridge.data.sft.packing import (
 )
 from megatron.bridge.data.sft.tokenization import ExampleTokenizer, TokenizedExample, resolve_preprocessing
 
+__all__ = ["PACKED_SPLITS", "SFTDataStats", "SFTSplit", "SplitStats", "build_sft_data_iterators", "build_sft_split"]
+
 PACKED_SPLITS = ("train", "valid")
 """Splits packed when `enable_offline_packing` is set; test examples are always evaluated one per row."""
 

@@ -31,6 +31,8 @@ import jinja2.nodes
 import jinja2.sandbox
 import jinja2.utils
 
+__all__ = ["ChatTemplate", "Span", "SpanError"]
+
 Span = tuple[int, int]
 """A `[start, end)` character range of a rendered conversation."""
 

@@ -28,6 +28,8 @@ from torch.utils.data import Dataset
 
 from megatron.bridge.data.sft.tokenization import TokenizedExample
 
+__all__ = ["GlobalBatchSampler", "MicroBatchPlan", "MicroBatches", "SFTRows", "collate"]
+
 
 @dataclass(frozen=True)
 class SFTRows:

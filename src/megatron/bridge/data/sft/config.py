@@ -15,6 +15,21 @@ from typing import Any
 from megatron.bridge.utils.config_fields import KnownFieldsOnly
 from megatron.bridge.utils.errors import config_error
 
+__all__ = [
+    "CHAT_LOSS_MODES",
+    "ChatSFTPreprocessingConfig",
+    "FinetuningDatasetConfig",
+    "GPTSFTDatasetConfig",
+    "PACKING_ALGORITHMS",
+    "PROMPT_LOSS_MODES",
+    "PackedSequenceSpecs",
+    "PromptCompletionSFTPreprocessingConfig",
+    "SFTPreprocessingConfig",
+    "SFT_DATALOADER_TYPES",
+    "SPLIT_FILES",
+    "TRUNCATION_METHODS",
+]
+
 SPLIT_FILES = {"train": "training.jsonl", "valid": "validation.jsonl", "test": "test.jsonl"}
 """The file each split is read from, inside `dataset_root`."""
 PROMPT_LOSS_MODES = ("completion", "full")

@@ -23,6 +23,24 @@ from typing import Any
 
 from megatron.bridge.utils.errors import UserError
 
+__all__ = [
+    "CONVERSATIONS",
+    "FORMATS",
+    "INPUT_OUTPUT",
+    "Location",
+    "MESSAGES",
+    "Message",
+    "PROMPT_COMPLETION",
+    "PromptCompletion",
+    "Row",
+    "RowFormat",
+    "SFTDataError",
+    "SHAREGPT_ROLES",
+    "detect_format",
+    "parse_row",
+    "read_jsonl",
+]
+
 Message = dict[str, Any]
 """One chat message: `role` and `content` strings, plus whatever else the template reads."""
 

@@ -26,6 +26,17 @@ import numpy as np
 
 from megatron.bridge.data.sft.collate import SFTRows
 
+__all__ = [
+    "CACHE_FORMAT_VERSION",
+    "cache_key",
+    "cache_path",
+    "file_identity",
+    "first_fit",
+    "load_packs",
+    "pack_examples",
+    "save_packs",
+]
+
 CACHE_FORMAT_VERSION = 1
 """Bumped whenever tokenization, masks or the cache layout change, so that old caches are not reused."""
 _ROW_ARRAYS = ("ids", "loss_mask", "example_offsets", "row_offsets")

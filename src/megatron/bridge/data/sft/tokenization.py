@@ -30,6 +30,8 @@ from megatron.bridge.data.sft.config import (
 from megatron.bridge.data.sft.formats import Location, Message, PromptCompletion, Row, RowFormat, SFTDataError
 from megatron.bridge.utils.errors import config_error
 
+__all__ = ["ExampleTokenizer", "TokenizedExample", "resolve_preprocessing"]
+
 
 @dataclass(frozen=True)
 class TokenizedExample:

@@ -1,6 +1,18 @@
-"""Hugging Face conversion: `AutoBridge` and the name map it is built on (see docs/bridge.md)."""
+"""Hugging Face conversion: `AutoBridge` and the shared machinery the families are built on (docs/bridge.md).
 
-from megatron.bridge.models.conversion.auto_bridge import AutoBridge
-from megatron.bridge.models.conversion.param_mapping import PARAM_MAPPINGS, to_hf_name, to_megatron_name
+`AutoBridge` is imported on first use (PEP 562), so the family modules can import the readers and
+the name-mapping machinery here without loading the bridge itself.
+"""
 
-__all__ = ["AutoBridge", "PARAM_MAPPINGS", "to_hf_name", "to_megatron_name"]
+from typing import Any
+
+__all__ = ["AutoBridge"]
+
+
+def __getattr__(name: str) -> Any:
+    """Import `AutoBridge` lazily."""
+    if name == "AutoBridge":
+        from megatron.bridge.models.conversion.auto_bridge import AutoBridge
+
+        return AutoBridge
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

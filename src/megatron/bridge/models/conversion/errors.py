@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from megatron.bridge.utils.errors import UserError
 
+__all__ = ["ConversionError"]
+
 
 class ConversionError(UserError):
     """A Hugging Face folder or training checkpoint the bridge cannot use: a missing or malformed file, a

@@ -29,6 +29,24 @@ from megatron.bridge.models.conversion.safetensors_io import INDEX_FILE, SINGLE_
 from megatron.bridge.utils.errors import short_repr
 from megatron.bridge.utils.paths import resolve_inside
 
+__all__ = [
+    "CONFIG_FILE",
+    "GENERATION_CONFIG_FILE",
+    "MAX_JSON_BYTES",
+    "PICKLE_FILE",
+    "PICKLE_INDEX_FILE",
+    "TOKENIZER_FILE_PATTERNS",
+    "HFWeights",
+    "auxiliary_files",
+    "check_output_folder",
+    "copy_files",
+    "read_config",
+    "read_json_file",
+    "resolve",
+    "staged_output",
+    "write_json_file",
+]
+
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 PICKLE_FILE = "pytorch_model.bin"

@@ -17,22 +17,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import yaml
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from megatron.bridge import models
-from megatron.bridge.checkpoint import io
+from megatron.bridge.checkpoint import integrity, io
 from megatron.bridge.checkpoint.train_state import TrainState
+from megatron.bridge.data.tokenizer import TOKENIZER_CONFIG_FILE, HuggingFaceTokenizer
+from megatron.bridge.models import registry
+from megatron.bridge.models.conversion import peft_adapter
 from megatron.bridge.models.conversion.errors import ConversionError
-from megatron.bridge.models.conversion.hf_config import (
-    config_dtype,
-    dtype_key,
-    hf_config_from_provider,
-    provider_from_hf_config,
-)
+from megatron.bridge.models.conversion.family import ModelFamily
+from megatron.bridge.models.conversion.hf_config import config_dtype, dtype_key, dtype_name
 from megatron.bridge.models.conversion.hf_folder import (
     CONFIG_FILE,
+    GENERATION_CONFIG_FILE,
     HFWeights,
     auxiliary_files,
     copy_files,
@@ -45,12 +43,25 @@ from megatron.bridge.models.conversion.param_mapping import (
     check_layer_count,
     check_tensors,
     megatron_param_shapes,
-    to_hf_name,
 )
 from megatron.bridge.models.conversion.safetensors_io import TensorSpec, write_safetensors_shards
 from megatron.bridge.models.gpt_provider import GPTModelProvider
+from megatron.bridge.peft.base import peft_from_dict
+from megatron.bridge.peft.state import is_adapter_param
 from megatron.bridge.utils.config_fields import to_plain
+from megatron.bridge.utils.errors import UserError, short_repr
+from megatron.bridge.utils.parallel import current_layout
 from megatron.bridge.utils.safe_yaml import load_yaml_file
+
+__all__ = [
+    "HF_SUBDIR",
+    "MODEL_PREFIX",
+    "export_adapters",
+    "export_weights",
+    "find_hf_source",
+    "import_weights",
+    "provider_from_run_config",
+]
 
 MODEL_PREFIX = "model."
 """Key prefix of model tensors in a checkpoint."""
@@ -62,7 +73,7 @@ _MAX_ANCESTORS = 16
 
 @contextlib.contextmanager
 def _single_process() -> Iterator[None]:
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if current_layout().world_size > 1:
         raise ConversionError("checkpoint conversion runs in a single process: call it outside torchrun (or on a "
                          "world of one); several ranks would each wait for the others")
     with warnings.catch_warnings():
@@ -83,20 +94,21 @@ def _run_config_dict(provider: GPTModelProvider, tokenizer_folder: Path | None) 
 
 
 def import_weights(weights: HFWeights, provider: GPTModelProvider, megatron_path: str | Path, *,
-                   hf_config: dict[str, Any], hf_files: list[Path], dtype: torch.dtype | None,
+                   family: ModelFamily, hf_config: dict[str, Any], hf_files: list[Path], dtype: torch.dtype | None,
                    overwrite: bool) -> Path:
     """Write `weights` (already checked against `provider`) as the step-0 checkpoint `megatron_path`.
 
-    `hf_config` and `hf_files` (generation config, tokenizer) are kept in `iter_0000000/hf/`.
+    `family` names the tensors; `hf_config` and `hf_files` (generation config, tokenizer) are kept in
+    `iter_0000000/hf/`.
     """
     if dtype is not None:  # the way back should produce the dtype stored here
-        hf_config = {**hf_config, dtype_key(hf_config): str(dtype).removeprefix("torch.")}
+        hf_config = {**hf_config, dtype_key(hf_config): dtype_name(dtype)}
     shapes = megatron_param_shapes(provider)
     with _single_process(), staged_output(megatron_path, overwrite) as root:
         staging = io.prepare_temporary_dir(root, 0)
         tensors = {}
         for name in shapes:
-            tensor = weights.read(to_hf_name(name))
+            tensor = weights.read(family.to_hf_name(name))
             tensors[MODEL_PREFIX + name] = tensor if dtype is None else tensor.to(dtype)
         io.save_tensors(tensors, staging)
         del tensors
@@ -160,22 +172,28 @@ def find_hf_source(directory: Path) -> Path | None:
     return None
 
 
-def _provider_classes() -> dict[str, type[GPTModelProvider]]:
-    # Only the package's own providers are built from a YAML `_target_`: nothing named there is imported.
-    classes = [getattr(models, name) for name in models.__all__ if "Provider" in name]
-    return {f"{c.__module__}.{c.__qualname__}": c for c in classes}
+def _provider_class(target: Any, config_file: Path) -> type[GPTModelProvider]:
+    # Only the registry's provider classes are built from a YAML `_target_`: nothing named there is imported.
+    # Without a `_target_` the section is read as a plain GPTModelProvider (which no family exports).
+    if target is None:
+        return GPTModelProvider
+    classes = registry.provider_classes()
+    if not isinstance(target, str) or target not in classes:
+        known = ", ".join(sorted({cls.__name__ for cls in classes.values()}))
+        raise ConversionError(f"{config_file}: model._target_={short_repr(target)} is not a provider of a family the "
+                              f"bridge converts; known: {known}")
+    return classes[target]
 
 
 def provider_from_run_config(directory: Path) -> GPTModelProvider:
-    """The provider run_config.yaml's model section describes (only known provider classes are built)."""
+    """The provider run_config.yaml's model section describes (only the registry's provider classes are built)."""
     model = _read_run_config(directory).get("model")
     if not isinstance(model, dict):
         raise ConversionError(
             f"{directory} has no {HF_SUBDIR}/{CONFIG_FILE} and no model section in {io.CONFIG_FILE}, and no "
             "checkpoint it was trained from has one: pass source= (--source) naming the original Hugging Face folder"
         )
-    target = model.get("_target_")
-    cls = _provider_classes().get(target, GPTModelProvider) if isinstance(target, str) else GPTModelProvider
+    cls = _provider_class(model.get("_target_"), directory / io.CONFIG_FILE)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     provider = cls(**{key: value for key, value in model.items() if key in names})
     try:
@@ -212,39 +230,116 @@ def _read_groups(directory: Path, stored: dict[str, TensorStorageMetadata],
 
 
 def _export_config(directory: Path, source: Path | None, dtype: torch.dtype | None,
-                   stored: dict[str, TensorStorageMetadata]) -> tuple[dict[str, Any], list[Path], Path]:
-    """config.json to write, the files to copy beside it, and where the config came from."""
+                   stored: dict[str, TensorStorageMetadata]) -> tuple[dict[str, Any], list[Path], Path, dict[str, Any]]:
+    """config.json to write, the files to copy beside it, where the config came from, and JSON files to add."""
     hf_folder = source if source is not None else find_hf_source(directory)
     if hf_folder is not None:
-        return read_config(hf_folder), auxiliary_files(hf_folder), hf_folder / CONFIG_FILE
+        return read_config(hf_folder), auxiliary_files(hf_folder), hf_folder / CONFIG_FILE, {}
     stored_dtype = next(iter(stored.values())).properties.dtype if stored else torch.float32
-    config = hf_config_from_provider(provider_from_run_config(directory), dtype or stored_dtype)
-    return config, [], directory / io.CONFIG_FILE
+    config = registry.hf_config_from_provider(provider_from_run_config(directory), dtype or stored_dtype)
+    files, written = _run_tokenizer(directory, config)
+    return config, files, directory / io.CONFIG_FILE, written
+
+
+def _run_tokenizer(directory: Path, config: dict[str, Any]) -> tuple[list[Path], dict[str, Any]]:
+    """The tokenizer a run trained with (run_config.yaml's), for a folder rebuilt without its source.
+
+    Its files are copied; config.json gets its `bos_token_id` / `eos_token_id`, and the folder a
+    generation_config.json and a tokenizer_config.json where the tokenizer's folder has none, so that
+    `AutoTokenizer` and `generate` find the ids the run used.
+    """
+    section = _read_run_config(directory).get("tokenizer") or {}
+    if section.get("tokenizer_type") != "HuggingFaceTokenizer" or not section.get("tokenizer_model"):
+        return [], {}
+    try:
+        tokenizer = HuggingFaceTokenizer(section["tokenizer_model"])
+    except UserError as err:
+        raise ConversionError(f"{directory / io.CONFIG_FILE}: the run's tokenizer cannot be exported: {err}") from err
+    folder = Path(tokenizer.path).parent
+    ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eod}
+    config.update({key: value for key, value in ids.items() if value is not None})
+    files = [path for path in auxiliary_files(folder) if path.name != GENERATION_CONFIG_FILE]
+    written: dict[str, Any] = {GENERATION_CONFIG_FILE: {key: value for key, value in ids.items() if value is not None}}
+    if not (folder / TOKENIZER_CONFIG_FILE).is_file():
+        written[TOKENIZER_CONFIG_FILE] = {"tokenizer_class": "PreTrainedTokenizerFast",
+                                          "eos_token": tokenizer.eod_token}
+    return files, written
 
 
 def export_weights(megatron_path: str | Path, hf_path: str | Path, *, iteration: int | None, source: Path | None,
                    dtype: torch.dtype | None, max_shard_size: int, overwrite: bool) -> Path:
     """Write the model tensors of a checkpoint as the Hugging Face folder `hf_path` (see AutoBridge.export_ckpt)."""
-    directory = _iteration_directory(Path(megatron_path), iteration)
-    common = io.read_json(directory / io.COMMON_FILE)
-    if not isinstance(common, dict) or common.get("format_version") != io.FORMAT_VERSION:
-        raise ConversionError(f"{directory / io.COMMON_FILE}: unknown checkpoint format (expected format_version "
-                         f"{io.FORMAT_VERSION})")
+    directory = _verified_directory(Path(megatron_path), iteration)
     stored = _stored_model_tensors(directory)
-    config, extra_files, config_source = _export_config(directory, source, dtype, stored)
-    provider = provider_from_hf_config(config, str(config_source))
+    if stored and all(is_adapter_param(name) for name in stored):
+        raise ConversionError(
+            f"checkpoint {directory} holds the adapters of a LoRA / DoRA run, not a whole model: export them with "
+            "AutoBridge.export_adapter_ckpt (python -m megatron.bridge.convert export-adapter), or load the run's "
+            "model and write it merged with AutoBridge.save_hf_pretrained"
+        )
+    config, extra_files, config_source, written = _export_config(directory, source, dtype, stored)
+    family = registry.family_of_config(config, str(config_source))
+    provider = family.provider_from_hf_config(config, str(config_source))
     check_layer_count(stored, provider.num_layers, source=f"checkpoint {directory}", expected_from=str(config_source))
     shapes = megatron_param_shapes(provider)
     check_tensors({n: tuple(m.size) for n, m in stored.items()}, shapes, source=f"checkpoint {directory}",
                   expected_from=str(config_source))
     if dtype is not None:
-        config[dtype_key(config)] = str(dtype).removeprefix("torch.")
+        config[dtype_key(config)] = dtype_name(dtype)
     target = dtype or config_dtype(config)
-    plan = [TensorPlan(name, to_hf_name(name), TensorSpec(tuple(shape), target or stored[name].properties.dtype))
+    plan = [TensorPlan(name, family.to_hf_name(name), TensorSpec(tuple(shape), target or stored[name].properties.dtype))
             for name, shape in shapes.items()]
     with _single_process(), staged_output(hf_path, overwrite) as staging:
         write_json_file(staging / CONFIG_FILE, config)
         copy_files(extra_files, staging)
+        for name, content in written.items():
+            write_json_file(staging / name, content)
         write_safetensors_shards(staging, [(item.hf_name, item.spec) for item in plan],
                                  _read_groups(directory, stored, plan), max_shard_size)
     return Path(hf_path)
+
+
+def _verified_directory(root: Path, iteration: int | None) -> Path:
+    # The iteration to read, its files checked against the manifest and its common.json's format.
+    directory = _iteration_directory(root, iteration)
+    manifest = integrity.read_manifest(directory, io.step_of(directory))
+    if manifest is not None:
+        problems = integrity.verify(directory, manifest, integrity.share(manifest, 0, 1))
+        if problems:
+            shown = "; ".join(problems[:4])
+            raise ConversionError(f"checkpoint {directory} is damaged, nothing was converted: {shown}")
+    common = io.read_json(directory / io.COMMON_FILE)
+    if not isinstance(common, dict) or common.get("format_version") != io.FORMAT_VERSION:
+        raise ConversionError(f"{directory / io.COMMON_FILE}: unknown checkpoint format (expected format_version "
+                              f"{io.FORMAT_VERSION})")
+    return directory
+
+
+def export_adapters(megatron_path: str | Path, output_path: str | Path, *, iteration: int | None,
+                    base_model_name_or_path: str | None, dtype: torch.dtype | None, overwrite: bool) -> Path:
+    """Write a LoRA / DoRA run's checkpoint adapters as a PEFT folder (see AutoBridge.export_adapter_ckpt)."""
+    directory = _verified_directory(Path(megatron_path), iteration)
+    run_config = _read_run_config(directory)
+    section = run_config.get("peft")
+    if not isinstance(section, dict):
+        raise ConversionError(f"{directory / io.CONFIG_FILE} has no peft section: {directory} is not a checkpoint "
+                              "of a LoRA or DoRA run (export a whole model with AutoBridge.export_ckpt)")
+    peft_config = peft_from_dict(section)
+    provider = provider_from_run_config(directory)
+    stored = {name: meta for name, meta in _stored_model_tensors(directory).items() if is_adapter_param(name)}
+    if not stored:
+        raise ConversionError(f"checkpoint {directory} holds no adapter tensors")
+    buffers = {MODEL_PREFIX + name: torch.empty(meta.size, dtype=meta.properties.dtype)
+               for name, meta in stored.items()}
+    with _single_process():
+        io.load_tensors(buffers, directory)
+    state = {name[len(MODEL_PREFIX):]: tensor for name, tensor in buffers.items()}
+    if base_model_name_or_path is None:
+        # The Hugging Face folder the run took its base weights from, when run_config.yaml names one.
+        origin = (run_config.get("checkpoint") or {}).get("pretrained_checkpoint")
+        base_model_name_or_path = origin if isinstance(origin, str) and (Path(origin) / CONFIG_FILE).is_file() else None
+    return peft_adapter.save_hf_adapter_state_dict(
+        state, output_path, provider=provider, peft_config=peft_config, base_model_name_or_path=base_model_name_or_path,
+        dtype=dtype, overwrite=overwrite, source=f"checkpoint {directory}",
+    )
+

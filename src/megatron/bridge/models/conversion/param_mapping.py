@@ -1,8 +1,10 @@
-"""Parameter names: ours (Megatron Core's) against Hugging Face's Qwen2 / Llama layout, one table both ways.
+"""Parameter names, ours against Hugging Face's: the machinery each family's name table is built from.
 
-Our decoder keeps q, k, v and gate, up as separate layers, so every Hugging Face tensor maps onto
-exactly one of our parameters with the same shape and layout: conversion is renaming, never
-splitting, fusing or permuting. `{layer}` stands for the layer index.
+Each family (see `models/registry.py`) owns its table of `NameMapping` rows, since the same Hugging
+Face name can mean different tensors: `post_attention_layernorm` is Llama's pre-MLP norm but Gemma 3's
+post-attention norm. Our decoder keeps q, k, v and gate, up as separate layers, so every Hugging Face
+tensor maps onto exactly one of our parameters with the same shape and layout: conversion is
+renaming, never splitting, fusing or permuting. `{layer}` stands for the layer index.
 """
 
 from __future__ import annotations
@@ -20,6 +22,24 @@ from megatron.bridge.models.conversion.safetensors_io import TensorSpec
 from megatron.bridge.models.decoder import GPTModel
 from megatron.bridge.models.gpt_provider import GPTModelProvider
 from megatron.bridge.utils.errors import short_repr
+
+__all__ = [
+    "EMBEDDING_ROW",
+    "FINAL_NORM_ROW",
+    "IGNORED_HF_NAMES",
+    "OUTPUT_ROW",
+    "TIED_OUTPUT_NAME",
+    "NameMapping",
+    "TensorPlan",
+    "attention_rows",
+    "check_layer_count",
+    "check_tensors",
+    "hf_name_of",
+    "layer_row",
+    "megatron_name_of",
+    "megatron_param_shapes",
+    "mlp_rows",
+]
 
 _LAYER = "{layer}"
 
@@ -64,28 +84,31 @@ def _compile(pattern: str) -> re.Pattern[str]:
     return re.compile(re.escape(pattern).replace(re.escape(_LAYER), r"(?P<layer>\d+)"))
 
 
-def _layer(ours: str, theirs: str) -> NameMapping:
+def layer_row(ours: str, theirs: str) -> NameMapping:
+    """A row for a tensor of every layer: `layers.{layer}.<ours>` <-> `model.layers.{layer}.<theirs>`."""
     return NameMapping(f"layers.{_LAYER}.{ours}", f"model.layers.{_LAYER}.{theirs}")
 
 
-PARAM_MAPPINGS: tuple[NameMapping, ...] = (
-    NameMapping("embedding.weight", "model.embed_tokens.weight"),
-    _layer("input_layernorm.weight", "input_layernorm.weight"),
-    *(
-        _layer(f"self_attention.linear_{ours}.{kind}", f"self_attn.{theirs}_proj.{kind}")
-        for ours, theirs in (("q", "q"), ("k", "k"), ("v", "v"), ("proj", "o"))
-        for kind in ("weight", "bias")
-    ),
-    _layer("pre_mlp_layernorm.weight", "post_attention_layernorm.weight"),
-    *(
-        _layer(f"mlp.linear_{name}.{kind}", f"mlp.{name}_proj.{kind}")
-        for name in ("gate", "up", "down")
-        for kind in ("weight", "bias")
-    ),
-    NameMapping("final_norm.weight", "model.norm.weight"),
-    NameMapping("output_layer.weight", "lm_head.weight"),
-)
-"""Every parameter the bridge converts (biases exist only when the architecture has them)."""
+def attention_rows(*, qkv_bias: bool, proj_bias: bool) -> tuple[NameMapping, ...]:
+    """q, k, v and the output projection (`o_proj`), with the biases the family has."""
+    rows = []
+    for ours, theirs in (("q", "q"), ("k", "k"), ("v", "v"), ("proj", "o")):
+        kinds = ("weight", "bias") if (proj_bias if ours == "proj" else qkv_bias) else ("weight",)
+        rows += [layer_row(f"self_attention.linear_{ours}.{kind}", f"self_attn.{theirs}_proj.{kind}") for kind in kinds]
+    return tuple(rows)
+
+
+def mlp_rows(*, bias: bool) -> tuple[NameMapping, ...]:
+    """The gated MLP's gate, up and down projections, with biases when the family has them."""
+    kinds = ("weight", "bias") if bias else ("weight",)
+    return tuple(layer_row(f"mlp.linear_{name}.{kind}", f"mlp.{name}_proj.{kind}")
+                 for name in ("gate", "up", "down") for kind in kinds)
+
+
+EMBEDDING_ROW = NameMapping("embedding.weight", "model.embed_tokens.weight")
+FINAL_NORM_ROW = NameMapping("final_norm.weight", "model.norm.weight")
+OUTPUT_ROW = NameMapping("output_layer.weight", "lm_head.weight")
+"""The rows outside the layers, the same in every family (the output row only for untied models)."""
 
 TIED_OUTPUT_NAME = "lm_head.weight"
 """Some checkpoints store the output layer even when it is tied to the embedding; it is then ignored."""
@@ -96,21 +119,24 @@ IGNORED_HF_NAMES = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_f
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d{1,9})\.")  # ours (`layers.3.`) and Hugging Face's (`model.layers.3.`)
 
 
-def to_hf_name(megatron_name: str) -> str:
-    """The Hugging Face tensor name of our parameter `megatron_name`; `ValueError` if it has none."""
-    for mapping in PARAM_MAPPINGS:
+def hf_name_of(rows: tuple[NameMapping, ...], megatron_name: str, *, owner: str) -> str:
+    """The Hugging Face name `rows` give our parameter `megatron_name`; `ConversionError` if none does.
+
+    `owner` names the table in the message (a family's architecture).
+    """
+    for mapping in rows:
         hf_name = mapping.hf_name(megatron_name)
         if hf_name is not None:
             return hf_name
     raise ConversionError(
-        f"parameter {megatron_name!r} has no Hugging Face equivalent; the bridge converts "
-        f"{', '.join(m.megatron for m in PARAM_MAPPINGS)}"
+        f"parameter {megatron_name!r} has no Hugging Face equivalent in {owner}; it converts "
+        f"{', '.join(m.megatron for m in rows)}"
     )
 
 
-def to_megatron_name(hf_name: str) -> str | None:
-    """Our parameter name for the Hugging Face tensor `hf_name`, or None when the table has no row for it."""
-    for mapping in PARAM_MAPPINGS:
+def megatron_name_of(rows: tuple[NameMapping, ...], hf_name: str) -> str | None:
+    """Our parameter name `rows` give the Hugging Face tensor `hf_name`, or None when no row matches it."""
+    for mapping in rows:
         name = mapping.megatron_name(hf_name)
         if name is not None:
             return name
@@ -123,11 +149,6 @@ def megatron_param_shapes(provider: GPTModelProvider) -> dict[str, torch.Size]:
     with torch.device("meta"):
         model = GPTModel(provider)
     return {name: param.shape for name, param in model.named_parameters()}
-
-
-def hf_tensor_shapes(provider: GPTModelProvider) -> dict[str, torch.Size]:
-    """The Hugging Face tensor names and shapes a checkpoint of `provider`'s architecture holds."""
-    return {to_hf_name(name): shape for name, shape in megatron_param_shapes(provider).items()}
 
 
 def check_layer_count(names: Iterable[str], num_layers: int, *, source: str, expected_from: str,

@@ -27,6 +27,17 @@ import torch
 from megatron.bridge.models.conversion.errors import ConversionError
 from megatron.bridge.utils.errors import ConfigError, short_repr
 
+__all__ = [
+    "INDEX_FILE",
+    "SINGLE_FILE",
+    "SafetensorsReader",
+    "TensorSpec",
+    "parse_size",
+    "plan_shards",
+    "shard_file_names",
+    "write_safetensors_shards",
+]
+
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,

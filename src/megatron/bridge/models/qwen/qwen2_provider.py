@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from megatron.bridge.models.gpt_provider import GPTModelProvider
 
+__all__ = ["Qwen25ModelProvider1P5B", "Qwen25ModelProvider500M", "Qwen25ModelProvider7B", "Qwen2ModelProvider"]
+
 
 @dataclass(kw_only=True)
 class Qwen2ModelProvider(GPTModelProvider):

@@ -7,6 +7,15 @@ from typing import Any
 
 from megatron.bridge.models.gpt_provider import GPTModelProvider
 
+__all__ = [
+    "Llama31ModelProvider8B",
+    "Llama32ModelProvider1B",
+    "Llama32ModelProvider3B",
+    "Llama3ModelProvider8B",
+    "LlamaModelProvider",
+    "llama3_rope_scaling",
+]
+
 
 def llama3_rope_scaling(factor: float, original_max_position_embeddings: int = 8192) -> dict[str, Any]:
     """Llama 3.1 / 3.2's `rope_scaling`: frequency bands split at 1x and 4x the original context."""
@@ -63,8 +72,29 @@ class Llama32ModelProvider1B(LlamaModelProvider):
 
 
 @dataclass(kw_only=True)
-class Llama31ModelProvider8B(LlamaModelProvider):
-    """Llama-3.1-8B: 32 layers, hidden 4096, 32 query heads over 8 key/value groups, untied embeddings."""
+class Llama32ModelProvider3B(LlamaModelProvider):
+    """Llama-3.2-3B: 28 layers, hidden 3072, 24 query heads over 8 key/value groups, tied embeddings."""
+
+    num_layers: int = 28
+    """Transformer blocks."""
+    hidden_size: int = 3072
+    """Residual stream width."""
+    num_attention_heads: int = 24
+    """Query heads (head dim 128)."""
+    num_query_groups: int | None = 8
+    """Key/value heads."""
+    ffn_hidden_size: int | None = 8192
+    """MLP inner width."""
+    share_embeddings_and_output_weights: bool = True
+    """The 3B model reuses the embedding as output layer."""
+    rope_scaling: dict[str, Any] | None = field(default_factory=lambda: llama3_rope_scaling(32.0))
+    """Llama 3.2's long-context frequency scaling (factor 32)."""
+
+
+@dataclass(kw_only=True)
+class Llama3ModelProvider8B(LlamaModelProvider):
+    """Meta-Llama-3-8B: 32 layers, hidden 4096, 32 query heads over 8 key/value groups, untied embeddings,
+    plain RoPE over its 8192-token context."""
 
     num_layers: int = 32
     """Transformer blocks."""
@@ -76,5 +106,11 @@ class Llama31ModelProvider8B(LlamaModelProvider):
     """Key/value heads."""
     ffn_hidden_size: int | None = 14336
     """MLP inner width."""
+
+
+@dataclass(kw_only=True)
+class Llama31ModelProvider8B(Llama3ModelProvider8B):
+    """Llama-3.1-8B: Llama 3 8B's shape with Llama 3.1's long-context RoPE scaling."""
+
     rope_scaling: dict[str, Any] | None = field(default_factory=lambda: llama3_rope_scaling(8.0))
     """Llama 3.1's long-context frequency scaling (factor 8)."""

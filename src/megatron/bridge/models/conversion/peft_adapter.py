@@ -27,8 +27,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from megatron.bridge.models import registry
+from megatron.bridge.models.conversion.family import ModelFamily
 from megatron.bridge.models.conversion.hf_folder import staged_output, write_json_file
-from megatron.bridge.models.conversion.param_mapping import to_hf_name
 from megatron.bridge.peft.base import PEFT
 from megatron.bridge.peft.dora import DoRA
 from megatron.bridge.peft.lora import LoRA
@@ -36,6 +37,18 @@ from megatron.bridge.peft.state import adapter_state_dict, unwrap
 from megatron.bridge.peft.targets import TARGET_KINDS, Site, model_sites
 from megatron.bridge.utils.errors import UserError
 from megatron.bridge.utils.parallel import current_layout
+
+__all__ = [
+    "ADAPTER_CONFIG_FILE",
+    "ADAPTER_WEIGHTS_FILE",
+    "PEFT_PREFIX",
+    "adapter_config_dict",
+    "hf_adapter_tensors",
+    "load_hf_adapter",
+    "read_adapter_config",
+    "save_hf_adapter",
+    "save_hf_adapter_state_dict",
+]
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -48,9 +61,9 @@ _REQUIRED_SETTINGS = {"bias": "none", "fan_in_fan_out": False, "use_rslora": Fal
                       "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None}
 
 
-def _hf_module(site: Site, index: int) -> str:
-    """The Hugging Face module name of a member, e.g. `model.layers.0.self_attn.q_proj`."""
-    return to_hf_name(site.member_name(index) + ".weight").removesuffix(".weight")
+def _hf_module(family: ModelFamily, site: Site, index: int) -> str:
+    """The Hugging Face module name of a member in `family`'s names, e.g. `model.layers.0.self_attn.q_proj`."""
+    return family.to_hf_name(site.member_name(index) + ".weight").removesuffix(".weight")
 
 
 def _present_sites(state: Mapping[str, torch.Tensor], sites: list[Site], *, source: str) -> list[Site]:
@@ -71,11 +84,13 @@ def hf_adapter_tensors(
 ) -> dict[str, torch.Tensor]:
     """Our adapter tensors (`adapter_state_dict` names) as peft's `adapter_model.safetensors` tensors.
 
-    `provider` describes the model (its sizes split B's rows); `peft_config` is the config the adapters
-    were trained with (its `dim` and its kind, LoRA or DoRA, are checked against the tensors).
+    `provider` describes the model (its sizes split B's rows, its class picks the model family whose
+    Hugging Face module names the tensors get); `peft_config` is the config the adapters were trained
+    with (its `dim` and its kind, LoRA or DoRA, are checked against the tensors).
 
     Raises:
-        UserError: the tensors do not fit `provider` or `peft_config` (naming the first that does not).
+        UserError: the tensors do not fit `provider` or `peft_config` (naming the first that does not), or
+            `provider` belongs to no model family.
     """
     return _export(state, provider, peft_config, dtype, source)[0]
 
@@ -83,6 +98,7 @@ def hf_adapter_tensors(
 def _export(state: Mapping[str, torch.Tensor], provider: Any, peft_config: PEFT, dtype: torch.dtype | None,
             source: str) -> tuple[dict[str, torch.Tensor], list[str] | str]:
     present = _present_sites(state, model_sites(provider), source=source)
+    family = registry.family_of_provider(provider)
     tensors: dict[str, torch.Tensor] = {}
     for site in present:
         a, b = state[f"{site.adapter_name}.{_LINEAR_IN}"], state.get(f"{site.adapter_name}.{_LINEAR_OUT}")
@@ -96,18 +112,18 @@ def _export(state: Mapping[str, torch.Tensor], provider: Any, peft_config: PEFT,
                             f"{'DoRA' if magnitude is not None else 'LoRA'} but peft_config is "
                             f"{type(peft_config).__name__}")
         for index, (start, stop) in enumerate(site.row_ranges()):
-            prefix = PEFT_PREFIX + _hf_module(site, index)
+            prefix = PEFT_PREFIX + _hf_module(family, site, index)
             tensors[f"{prefix}.lora_A.weight"] = a.clone()
             tensors[f"{prefix}.lora_B.weight"] = b[start:stop].clone()
             if magnitude is not None:
                 tensors[f"{prefix}.lora_magnitude_vector"] = magnitude[start:stop].clone()
     tensors = {name: t.to(dtype=dtype or t.dtype).contiguous() for name, t in tensors.items()}
-    return tensors, _hf_target_modules(present, provider.num_layers)
+    return tensors, _hf_target_modules(family, present, provider.num_layers)
 
 
-def _hf_target_modules(present: list[Site], num_layers: int) -> list[str] | str:
+def _hf_target_modules(family: ModelFamily, present: list[Site], num_layers: int) -> list[str] | str:
     """peft's `target_modules`: short names when every layer has the same adapters, else an exact regex."""
-    modules = [_hf_module(site, index) for site in present for index in range(len(site.members))]
+    modules = [_hf_module(family, site, index) for site in present for index in range(len(site.members))]
     per_layer: dict[int, set[str]] = {}
     for site in present:
         per_layer.setdefault(site.layer, set()).add(site.kind)
@@ -201,8 +217,9 @@ def load_hf_adapter(path: str | os.PathLike, provider: Any) -> tuple[PEFT, dict[
     state: dict[str, torch.Tensor] = {}
     used: set[str] = set()
     targets = []
+    family = registry.family_of_provider(provider)
     for site in model_sites(provider):
-        prefixes = [PEFT_PREFIX + _hf_module(site, index) for index in range(len(site.members))]
+        prefixes = [PEFT_PREFIX + _hf_module(family, site, index) for index in range(len(site.members))]
         present = [f"{prefix}.lora_A.weight" in tensors for prefix in prefixes]
         if not any(present):
             continue
