@@ -59,6 +59,20 @@ BAD_CONFIGS = [
      "validation.eval_interval", ["=0", "positive integer"]),
     ("log_interval_negative", _set("logger.log_interval", -1),
      "logger.log_interval", ["-1", "positive integer"]),
+    ("tensorboard_log_interval_0", _set("logger.tensorboard_log_interval", 0),
+     "logger.tensorboard_log_interval", ["=0", "positive integer"]),
+    ("tensorboard_queue_size_text", _set("logger.tensorboard_queue_size", "big"),
+     "logger.tensorboard_queue_size", ["'big'", "positive integer"]),
+    ("throughput_window_size_0", _set("logger.throughput_window_size", 0),
+     "logger.throughput_window_size", ["=0", "positive integer"]),
+    ("timing_log_level_3", _set("logger.timing_log_level", 3),
+     "logger.timing_log_level", ["=3", "0 (iteration time)", "1", "2"]),
+    ("timing_log_level_bool", _set("logger.timing_log_level", True),
+     "logger.timing_log_level", ["=True", "0 (iteration time)"]),
+    ("unknown_timing_log_option", _set("logger.timing_log_option", "mean"),
+     "logger.timing_log_option", ["'mean'", "max", "minmax", "all"]),
+    ("log_validation_ppl_not_bool", _set("logger.log_validation_ppl_to_tensorboard", "yes"),
+     "logger.log_validation_ppl_to_tensorboard", ["'yes'", "True or False"]),
     ("save_interval_0", _set("checkpoint.save_interval", 0),
      "checkpoint.save_interval", ["=0", "positive integer"]),
     ("unknown_lr_decay_style", _set("scheduler.lr_decay_style", "step"),
@@ -522,3 +536,17 @@ def test_fsdp2_cannot_turn_off_overlapping_its_reduction():
     cfg = make_tiny_config(ddp__use_distributed_optimizer=True, ddp__overlap_grad_reduce=False)
     with pytest.raises(ConfigError, match="ddp.overlap_grad_reduce=False .* use_distributed_optimizer"):
         cfg.validate()
+
+
+def test_megatron_bridge_s_logger_keys_are_known_with_upstream_s_defaults():
+    from megatron.bridge.training.config import LoggerConfig
+
+    logger = LoggerConfig()
+    assert (logger.tensorboard_log_interval, logger.tensorboard_queue_size, logger.timing_log_level,
+            logger.timing_log_option, logger.log_timers_to_tensorboard, logger.log_loss_scale_to_tensorboard,
+            logger.log_validation_ppl_to_tensorboard, logger.log_throughput_to_tensorboard,
+            logger.throughput_window_size) == (1, 1000, 0, "minmax", False, True, False, False, 100)
+    make_tiny_config(logger__tensorboard_log_interval=5, logger__tensorboard_queue_size=10,
+                     logger__timing_log_level=2, logger__timing_log_option="all",
+                     logger__log_loss_scale_to_tensorboard=False, logger__log_validation_ppl_to_tensorboard=True,
+                     logger__log_throughput_to_tensorboard=True, logger__throughput_window_size=3).validate()

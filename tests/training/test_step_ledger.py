@@ -149,8 +149,10 @@ def _train(monkeypatch, *, fused: bool, log_interval: int, check_nan: bool = Fal
 def test_fused_optimizer_defers_reads_to_the_log_line(chdir, monkeypatch):
     reads, end = _train(monkeypatch, fused=True, log_interval=5)
     assert end["fused"]
-    assert end["reads_at_step_start"] == [0, 0, 0, 0, 0]
-    assert reads == [4]  # one read at the log line: skip count, first bad iteration and norm, last norm
+    assert end["reads_at_step_start"] == [0, 1, 1, 1, 1]  # the first iteration's log line, then none
+    # One read per log line (the first iteration's and the fifth's): skip count, first bad iteration and norm,
+    # last norm; none in between.
+    assert reads == [4, 4]
     assert end["num_steps"] == 4 and end["skipped"] == 4  # the NaN step is skipped and not scheduled
 
 
@@ -193,7 +195,7 @@ def test_without_clipping_a_nan_update_is_still_skipped_and_counted(chdir, monke
     assert end["num_steps"] == 4 and end["skipped"] == 4
     assert torch.isfinite(end["weights"]).all()
     if fused:
-        assert reads == [4]  # still no read per step
+        assert reads == [4, 4]  # still no read per step: only the log lines' (iterations 1 and 5)
     line = next(line for line in capsys.readouterr().out.splitlines() if "iteration        5/" in line)
     assert "number of skipped iterations:   1" in line and "number of nan iterations:   1" in line
     assert "grad norm" not in line  # without clipping no norm is reported, as in Megatron
@@ -272,6 +274,7 @@ def test_step_end_callback_reads_only_what_it_asks_for(chdir, monkeypatch):
     manager.register("on_train_step_end", lambda ctx: norms.append(ctx.grad_norm) if ctx.state.train_state.step >= 2
                      else None)
     pretrain(cfg, forward_step, callbacks=manager)
-    # Steps 0 and 1 read nothing; steps 2 and 3 read their own norm; the end of training reads the totals.
-    assert reads == [1, 1, 4]
+    # The first iteration's log line reads its totals; step 1 reads nothing; steps 2 and 3 read their own
+    # norm; the last iteration's log line reads the totals.
+    assert reads == [4, 1, 1, 4]
     assert len(norms) == 2 and all(type(norm) is float and math.isfinite(norm) for norm in norms)

@@ -144,8 +144,14 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Durably write `obj` as JSON."""
-    write_file_durably(path, json.dumps(obj, indent=1, sort_keys=True).encode())
+    """Durably write `obj` as JSON; a 0-dim tensor (a `TrainState.state_dict()` entry) is written as its value."""
+    write_file_durably(path, json.dumps(obj, indent=1, sort_keys=True, default=_scalar_value).encode())
+
+
+def _scalar_value(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex():
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def read_json(path: Path, *, limit: int = JSON_LIMIT) -> Any:

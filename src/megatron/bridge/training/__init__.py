@@ -9,6 +9,9 @@
 | `gpt_step` | the default `forward_step` |
 | `optim` | the optimizer, `OptimizerParamScheduler`, the gradient norm |
 | `checkpointing` | what a checkpoint holds and when one is written |
+| `timers` | Megatron's `Timers` (`state.timers`) |
+| `metrics`, `scalar_writer` | the log line; TensorBoard and W&B scalars |
+| `run_report`, `memory` | what a run prints at start and at the end; the memory estimate |
 | `setup`, `train`, `eval`, `forward_backward`, ... | the loop itself |
 """
 
@@ -27,14 +30,18 @@ __all__ = [
     "finetune",
     "forward_backward",
     "gpt_step",
+    "memory",
     "metrics",
     "mixed_precision",
     "optim",
     "parallelize",
     "pretrain",
+    "run_report",
+    "scalar_writer",
     "setup",
     "state",
     "step_ledger",
+    "timers",
     "train",
 ]
 

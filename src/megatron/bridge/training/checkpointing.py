@@ -333,10 +333,14 @@ class CheckpointManager:
             )
         self._reader.load_weights(pretrained, model)
 
+    def resume_directory(self) -> Path | None:
+        """The checkpoint `resume()` continues from: the newest in `load` (or `save`); None if none or finetuning."""
+        return None if self.config.finetune else self._resume_source()
+
     def resume(self) -> None:
         """Continue from `load`'s (or `save`'s) newest checkpoint, unless there is none or `finetune` is set."""
-        resume = self._resume_source()
-        if resume is None or self.config.finetune:
+        resume = self.resume_directory()
+        if resume is None:
             return
         assert self.model is not None and self.optimizer is not None, "attach() comes before resume()"
         self._reader.resume(resume, model=self.model[0], keep=self.keep, optimizer=self.optimizer,

@@ -76,6 +76,8 @@ OPTIMIZERS = ("adam", "sgd")
 MIXED_PRECISION_RECIPES = ("bf16_mixed", "fp16_mixed", "fp32")
 CKPT_FORMATS = ("torch_dist",)
 DIST_BACKENDS = ("nccl", "gloo")
+TIMING_LOG_LEVELS = (0, 1, 2)
+TIMING_LOG_OPTIONS = ("max", "minmax", "all")
 
 
 def capped_warmup_iters(warmup_iters: int, decay_iters: int) -> int:
@@ -285,13 +287,31 @@ class LoggerConfig(KnownFieldsOnly):
     _section = "logger"
 
     log_interval: int = 100
-    """Print a log line every this many steps."""
+    """Print a log line every this many steps (and always after the first and the last iteration)."""
+    timing_log_level: int = 0
+    """Which timers run (Megatron's levels): 0 the iteration time only; 1 also once-per-step phases
+    (`forward-backward`, `all-grads-sync`, `optimizer`, ...), printed after each log line; 2 finer ones."""
+    timing_log_option: str = "minmax"
+    """How the timers' times across ranks are printed: max, minmax or all (every rank)."""
     tensorboard_dir: str | None = None
     """Write TensorBoard event files here (None: no TensorBoard)."""
+    tensorboard_log_interval: int = 1
+    """Write the training scalars to TensorBoard (and W&B) every this many steps."""
+    tensorboard_queue_size: int = 1000
+    """TensorBoard events held in memory before the writer flushes them to disk."""
     log_timers_to_tensorboard: bool = False
-    """Also write step timings to TensorBoard."""
+    """Also write the iteration time and the timers (`<name>-time`) to TensorBoard."""
+    log_loss_scale_to_tensorboard: bool = True
+    """Write the loss scale (`loss-scale`) to TensorBoard."""
+    log_validation_ppl_to_tensorboard: bool = False
+    """Also write validation and test perplexities to TensorBoard."""
     log_throughput: bool = True
     """Show tokens/s and model TFLOP/s per device in the log line."""
+    log_throughput_to_tensorboard: bool = False
+    """Write throughput to TensorBoard: `throughput/tflops/device` and `throughput/tflops` at each log line,
+    `throughput/tokens_per_sec` and the other rates over the last `throughput_window_size` steps."""
+    throughput_window_size: int = 100
+    """Steps in the rolling window of TensorBoard's `throughput/*_per_sec` rates."""
     wandb_project: str | None = None
     """Log to this Weights & Biases project (needs the `wandb` extra)."""
     wandb_exp_name: str | None = None
@@ -305,6 +325,16 @@ class LoggerConfig(KnownFieldsOnly):
 
     def validate(self) -> None:
         check_positive("logger.log_interval", self.log_interval, optional=False)
+        for name in ("tensorboard_log_interval", "tensorboard_queue_size", "throughput_window_size"):
+            check_positive(f"logger.{name}", getattr(self, name), optional=False)
+        if not is_int(self.timing_log_level) or self.timing_log_level not in TIMING_LOG_LEVELS:
+            raise config_error("logger.timing_log_level", self.timing_log_level,
+                               "0 (iteration time), 1 (once-per-step phases) or 2 (finer)")
+        check_choice("logger.timing_log_option", self.timing_log_option, TIMING_LOG_OPTIONS)
+        for name in ("log_timers_to_tensorboard", "log_loss_scale_to_tensorboard",
+                     "log_validation_ppl_to_tensorboard", "log_throughput", "log_throughput_to_tensorboard"):
+            if not isinstance(getattr(self, name), bool):
+                raise config_error(f"logger.{name}", getattr(self, name), "True or False")
         check_number("logger.callback_time_warning_share", self.callback_time_warning_share,
                       "a share of the step time in (0, 1]", ok=lambda v: 0.0 < v <= 1.0)
         if self.wandb_project and importlib.util.find_spec("wandb") is None:

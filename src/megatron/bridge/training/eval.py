@@ -27,11 +27,12 @@ if TYPE_CHECKING:
 __all__ = ["evaluate"]
 
 
-def evaluate(run: SetupOutput, mode: str) -> dict[str, torch.Tensor] | None:
+def evaluate(run: SetupOutput, mode: str, *, final: bool = False) -> dict[str, torch.Tensor] | None:
     """Run `eval_iters` global batches of the validation (`mode="eval"`) or test split.
 
     Returns {"lm loss": 0-dim tensor}, the token-weighted mean over every step and rank, or None
     when there is nothing to evaluate or a signal stopped the pass (see the module's docstring).
+    `final`: the pass after training (labelled as such).
     """
     assert mode in ("eval", "test"), mode
     data_iterator = run.data.valid if mode == "eval" else run.data.test
@@ -48,7 +49,7 @@ def evaluate(run: SetupOutput, mode: str) -> dict[str, torch.Tensor] | None:
         if signals is not None:
             signals.current_pass = None
     if total_loss_dict is not None:
-        log_eval_losses(run.state, name, total_loss_dict)
+        log_eval_losses(run.state, name, total_loss_dict, final=final)
     return total_loss_dict
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +34,7 @@ def pretrain(
     from megatron.bridge.training.eval import evaluate
     from megatron.bridge.training.exit_conditions import SignalCatcher
     from megatron.bridge.training.forward_backward import adapt_forward_step
+    from megatron.bridge.training.run_report import print_summary
     from megatron.bridge.training.setup import setup
     from megatron.bridge.training.train import train
 
@@ -43,6 +45,7 @@ def pretrain(
     layout = distributed.initialize(config.dist, tensor_parallel_size=config.model.tensor_model_parallel_size)
     state = GlobalState(config)
     run = None
+    results: dict[str, Any] = {}
     try:
         run = setup(state, forward_step, manager, layout)
         timeout = datetime.timedelta(minutes=config.dist.distributed_timeout_minutes)
@@ -57,7 +60,9 @@ def pretrain(
                     skipped = "validation and test passes" if mode == "eval" else "test pass"
                     print_rank_0(f"> {received}: skipping the post-training {skipped}")
                     break
-                evaluate(run, mode)
+                results[mode] = evaluate(run, mode, final=True)
+        print_summary(config, run.metrics.totals, wall_seconds=time.time() - state.start_time,
+                      final_step=state.train_state.step, results=results, completed=completed)
     finally:
         if run is not None:
             run.checkpointer.close()

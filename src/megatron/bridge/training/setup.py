@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -21,14 +22,24 @@ from megatron.bridge.training.checkpoint_loading import keep_all
 from megatron.bridge.training.checkpointing import CheckpointManager
 from megatron.bridge.training.config import ConfigContainer
 from megatron.bridge.training.forward_backward import ForwardStep
+from megatron.bridge.training.memory import estimate_memory
 from megatron.bridge.training.metrics import MetricsLogger, model_flops_per_token
 from megatron.bridge.training.mixed_precision import MixedPrecision
 from megatron.bridge.training.optim import OptimizerParamScheduler, setup_optimizer
 from megatron.bridge.training.parallelize import parallelize, uses_fsdp
+from megatron.bridge.training.run_report import (
+    describe_run,
+    phase,
+    print_config_differences,
+    print_memory_estimate,
+    print_resume_differences,
+)
 from megatron.bridge.training.state import GlobalState
 from megatron.bridge.training.step_ledger import StepLedger
 from megatron.bridge.utils.logging import print_rank_0
 from megatron.bridge.utils.parallel import ParallelLayout
+
+__all__ = ["SetupOutput", "set_seed", "setup"]
 
 
 @dataclass
@@ -66,6 +77,7 @@ def setup(state: GlobalState, forward_step: ForwardStep, callbacks: CallbackMana
     build the optimizer over what is trainable; resume a checkpoint; build the data iterators.
     """
     cfg = state.cfg
+    print_config_differences(cfg)
     set_seed(cfg.rng.seed)
     # Claims checkpoint.save (created, locked for this run) before anything is built or loaded.
     checkpointer = CheckpointManager(cfg.checkpoint, state=state, callbacks=callbacks)
@@ -79,13 +91,17 @@ def setup(state: GlobalState, forward_step: ForwardStep, callbacks: CallbackMana
 def _build(state: GlobalState, forward_step: ForwardStep, callbacks: CallbackManager | None, layout: ParallelLayout,
            checkpointer: CheckpointManager) -> SetupOutput:
     cfg = state.cfg
-    raw_model = cfg.model.provide().to(layout.device)
+    with phase("building the model"):
+        raw_model = cfg.model.provide().to(layout.device)
     checkpointer.load_base_weights(raw_model, adapted=cfg.peft is not None)
     if cfg.peft is not None:
         raw_model = cfg.peft(raw_model)
         print_rank_0(f"> {freeze_summary(raw_model)}")
     flops = _flops_per_token(cfg, raw_model)
-    description = _describe(cfg, raw_model, layout)
+    num_microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * layout.data_parallel_size)
+    print_rank_0(describe_run(cfg, raw_model, layout, sharded=uses_fsdp(cfg), num_microbatches=num_microbatches))
+    print_memory_estimate(estimate_memory(raw_model, cfg, data_parallel_size=layout.data_parallel_size), cfg, layout,
+                          ranks_per_machine=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     model = [parallelize(raw_model, cfg, layout)]
     # With skip_train there may be no train_iters: the schedule is never stepped but must still be valid.
     schedule_span = cfg.train.train_iters or max(cfg.scheduler.lr_warmup_iters, 1)
@@ -96,18 +112,21 @@ def _build(state: GlobalState, forward_step: ForwardStep, callbacks: CallbackMan
     # A LoRA run saves and resumes its adapters only: the base comes from where it came from this time.
     checkpointer.attach(model=model, optimizer=optimizer, scheduler=scheduler, precision=precision,
                         keep=keep_all if cfg.peft is None else is_adapter_param)
-    checkpointer.resume()
+    resume = checkpointer.resume_directory()
+    with phase(f"loading the checkpoint {resume}") if resume is not None else contextlib.nullcontext():
+        checkpointer.resume()
+    if resume is not None:
+        print_resume_differences(cfg, resume)
 
     if should_fire(callbacks, "on_data_init_start"):
         callbacks.fire("on_data_init_start", CallbackContext(
             state=state, model=model, user_state=callbacks.user_state, optimizer=optimizer, scheduler=scheduler,
         ))
-    data = _build_data(state, layout)
+    with phase("building the datasets and their sample indices"):
+        data = _build_data(state, layout)
     _record_what_runs(state, data)
-    num_microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * layout.data_parallel_size)
     metrics = MetricsLogger(state, flops_per_token=flops, world_size=layout.world_size, device=layout.device,
                             callbacks=callbacks, precision=precision)
-    print_rank_0(f"{description}, {num_microbatches} micro-batches of {cfg.train.micro_batch_size} per rank")
     return SetupOutput(
         state=state, model=model, optimizer=optimizer, scheduler=scheduler, forward_step=forward_step,
         callbacks=callbacks, data=data, checkpointer=checkpointer, metrics=metrics,
@@ -171,19 +190,3 @@ def _build_data(state: GlobalState, layout: ParallelLayout) -> DataIterators:
     # makes its own, so it never loads a tokenizer.
     eod = None if cfg.dataset.uses_mock_data else build_tokenizer(cfg.tokenizer).eod
     return build_data_iterators(cfg.dataset, vocab_size=cfg.tokenizer.vocab_size, eod=eod, **samples)
-
-
-def _describe(cfg: Any, model: torch.nn.Module, layout: ParallelLayout) -> str:
-    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    return (
-        f"> model: {params / 1e6:.2f}M parameters, {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, "
-        f"vocab {cfg.model.padded_vocab_size}, seq {cfg.model.seq_length}\n"
-        f"> training on {layout.world_size} x {layout.device.type} ({_parallelism(cfg, layout)}), "
-        f"precision {cfg.compute_dtype}, global batch {cfg.train.global_batch_size}"
-    )
-
-
-def _parallelism(cfg: Any, layout: ParallelLayout) -> str:
-    if layout.data_parallel_size == 1:
-        return "single process"
-    return "FSDP2" if uses_fsdp(cfg) else "DDP"

@@ -1,7 +1,8 @@
 """Run-wide state: the training counters, named timers and the loggers.
 
 `GlobalState` is what callbacks see as `context.state`. `TrainState` (the counters) lives with the
-checkpoint format, which records it, and is re-exported here.
+checkpoint format, which records it, and `Timers` (Megatron's timer API) in `training.timers`; both
+are re-exported here.
 """
 
 from __future__ import annotations
@@ -10,76 +11,14 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from megatron.bridge.checkpoint.train_state import TrainState
+from megatron.bridge.training.timers import Timer, Timers
 from megatron.bridge.utils.parallel import current_layout
 
 if TYPE_CHECKING:
     from megatron.bridge.training.config import ConfigContainer
 
-
-class Timer:
-    """A named wall-clock timer that accumulates across start/stop pairs."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self._elapsed = 0.0
-        self._started_at: float | None = None
-
-    @staticmethod
-    def _sync() -> None:
-        # GPU work is asynchronous: without a sync a timer would measure only the launch.
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.synchronize()
-
-    def start(self) -> None:
-        """Start timing; starting a running timer is an error."""
-        assert self._started_at is None, f"timer {self.name!r} is already running"
-        self._sync()
-        self._started_at = time.perf_counter()
-
-    def stop(self) -> None:
-        """Stop timing and add the interval to the total."""
-        assert self._started_at is not None, f"timer {self.name!r} is not running"
-        self._sync()
-        self._elapsed += time.perf_counter() - self._started_at
-        self._started_at = None
-
-    @property
-    def active(self) -> bool:
-        """True while the timer runs."""
-        return self._started_at is not None
-
-    def elapsed(self, reset: bool = True) -> float:
-        """Seconds accumulated (including a running interval); `reset` zeroes the total."""
-        total = self._elapsed
-        if self._started_at is not None:
-            now = time.perf_counter()
-            total += now - self._started_at
-            if reset:
-                self._started_at = now
-        if reset:
-            self._elapsed = 0.0
-        return total
-
-
-class Timers:
-    """A registry of named timers: `timers("forward").start()`."""
-
-    def __init__(self) -> None:
-        self._timers: dict[str, Timer] = {}
-
-    def __call__(self, name: str) -> Timer:
-        """The timer called `name`, created on first use."""
-        timer = self._timers.get(name)
-        if timer is None:
-            timer = self._timers[name] = Timer(name)
-        return timer
-
-    def names(self) -> list[str]:
-        """Names of all timers created so far."""
-        return list(self._timers)
+__all__ = ["GlobalState", "RunRequests", "Timer", "Timers", "TrainState"]
 
 
 @dataclass
@@ -97,7 +36,8 @@ class GlobalState:
     def __init__(self, cfg: ConfigContainer | None = None) -> None:
         self.cfg = cfg
         self.train_state = TrainState()
-        self.timers = Timers()
+        self.timers = Timers() if cfg is None else Timers(cfg.logger.timing_log_level, cfg.logger.timing_log_option)
+        """Megatron's `Timers`, filtered by `logger.timing_log_level` (see `training.timers`)."""
         self.requests = RunRequests()
         """Requests made by callbacks since the last step end (see `request_stop`)."""
         self.start_time = time.time()
@@ -145,7 +85,8 @@ class GlobalState:
         if log_cfg.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tensorboard_logger = SummaryWriter(log_dir=log_cfg.tensorboard_dir, max_queue=1000)
+            self._tensorboard_logger = SummaryWriter(log_dir=log_cfg.tensorboard_dir,
+                                                     max_queue=log_cfg.tensorboard_queue_size)
         if log_cfg.wandb_project:
             try:
                 import wandb

@@ -18,7 +18,10 @@ from megatron.bridge.training.optim import get_grad_norm
 from megatron.bridge.training.parallelize import reduce_gradients
 from megatron.bridge.training.setup import SetupOutput
 from megatron.bridge.training.step_ledger import StepOutcome
+from megatron.bridge.training.timers import Timers
 from megatron.bridge.utils.logging import print_rank_0
+
+__all__ = ["train", "train_step"]
 
 
 def train(run: SetupOutput) -> bool:
@@ -33,6 +36,7 @@ def train(run: SetupOutput) -> bool:
     if should_fire(callbacks, "on_train_start"):
         callbacks.fire("on_train_start", _context(run))
     decision = StepDecision()
+    run.metrics.begin()
     exit_conditions = ExitConditions(cfg.train, start_time=state.start_time,
                                      requests_possible=callbacks is not None and callbacks.has_any,
                                      timeout=datetime.timedelta(minutes=cfg.dist.distributed_timeout_minutes))
@@ -49,25 +53,30 @@ def train(run: SetupOutput) -> bool:
             train_state.consumed_train_samples += cfg.train.global_batch_size
             train_state.floating_point_operations_so_far += run.metrics.flops_per_token * result.num_tokens
             validated = _should_validate(cfg, train_state.step)
-            if validated or run.metrics.is_due(train_state.step) or run.checkpointer.is_due(train_state.step):
+            reads = validated or run.metrics.is_due(train_state.step) or run.checkpointer.is_due(train_state.step)
+            if reads:
                 run.ledger.settle(check=False)
-            run.metrics.maybe_log(result, learning_rate=run.scheduler.get_lr())
+            run.metrics.maybe_log(result, learning_rate=run.scheduler.get_lr(), flush=reads)
             run.ledger.check()  # after the log line, which then shows the window of a bad step
             if validated:
-                evaluate(run, "eval")
+                with run.metrics.paused():
+                    evaluate(run, "eval")
             # Requests are agreed before saving, so a requested validation is in this step's checkpoint.
             decision = exit_conditions.check(train_state.step, state.requests)
             if decision.acts:
                 run.ledger.settle()
-            if decision.validation_reason and not validated:
-                evaluate(run, "eval")
-            run.checkpointer.maybe_save(train_state.step)
-            if decision.checkpoint_reason:
-                run.checkpointer.save(train_state.step)
+                run.metrics.flush()
+            with run.metrics.paused():
+                if decision.validation_reason and not validated:
+                    evaluate(run, "eval")
+                run.checkpointer.maybe_save(train_state.step)
+                if decision.checkpoint_reason:
+                    run.checkpointer.save(train_state.step)
             collect_garbage(train_state.step)
             if decision.stop_reason:
                 break
     run.ledger.settle()
+    run.metrics.end()
     run.checkpointer.save_final(train_state.step)
     if decision.stop_reason:
         print_rank_0(f"> stopping after iteration {train_state.step}: {decision.stop_reason}")
@@ -79,34 +88,60 @@ def train(run: SetupOutput) -> bool:
 
 
 def train_step(run: SetupOutput) -> StepResult:
-    """One optimizer step over `num_microbatches` micro-batches, gradients normalised per token."""
-    cfg, optimizer = run.state.cfg, run.optimizer
+    """One optimizer step over `num_microbatches` micro-batches, gradients normalised per token.
+
+    Its phases run under Megatron's level-1 timers (`metrics.LOOP_TIMERS`), no-ops unless
+    `logger.timing_log_level >= 1`.
+    """
+    cfg, optimizer, timers = run.state.cfg, run.optimizer, run.state.timers
     optimizer.zero_grad(set_to_none=True)
-    report = run_microbatches(
-        run.forward_step, run.state, run.data.train, run.model[0], num_microbatches=run.num_microbatches,
-        autocast=run.precision.autocast, backward=run.precision.backward_fn(),
-    )
-    reduce_gradients(run.model[0], run.layout)
-    report.all_reduce()
-    run.precision.unscale_(optimizer)
-    # DDP and FSDP average gradients over ranks; the loss must be averaged over tokens instead.
-    _divide_grads(run.model, report.num_tokens / run.layout.data_parallel_size)
+    with _timed(timers, "forward-backward"):
+        report = run_microbatches(
+            run.forward_step, run.state, run.data.train, run.model[0], num_microbatches=run.num_microbatches,
+            autocast=run.precision.autocast, backward=run.precision.backward_fn(),
+        )
+    with _timed(timers, "all-grads-sync"):
+        reduce_gradients(run.model[0], run.layout)
+        report.all_reduce()
+    timers("optimizer", log_level=1).start()
+    with _timed(timers, "optimizer-unscale-and-check-inf"):
+        run.precision.unscale_(optimizer)
+        # DDP and FSDP average gradients over ranks; the loss must be averaged over tokens instead.
+        _divide_grads(run.model, report.num_tokens / run.layout.data_parallel_size)
     # The norm is measured even without clipping: a non-finite update is skipped whatever clip_grad is.
     clip_grad = cfg.optimizer.clip_grad
-    norm = get_grad_norm(run.model, clip_grad=clip_grad)
+    with _timed(timers, "optimizer-clip-main-grad"):
+        norm = get_grad_norm(run.model, clip_grad=clip_grad)
     outcome = StepOutcome(iteration=run.state.train_state.step + 1, grad_norm=norm, reports_norm=clip_grad > 0)
     loss_dict = report.means()
-    if run.ledger.deferred:
-        # A fused optimizer skips a non-finite update on the device: the host does not wait for the norm.
-        run.precision.step(optimizer, skip=outcome.found_inf)
-    else:
-        # Decided before step(), which backs the loss scale off.
-        outcome.overflow = outcome.skipped and run.precision.overflowed(loss_dict)
-        run.precision.step(optimizer, skip=outcome.skipped)
+    with _timed(timers, "optimizer-inner-step"):
+        if run.ledger.deferred:
+            # A fused optimizer skips a non-finite update on the device: the host does not wait for the norm.
+            run.precision.step(optimizer, skip=outcome.found_inf)
+        else:
+            # Decided before step(), which backs the loss scale off.
+            outcome.overflow = outcome.skipped and run.precision.overflowed(loss_dict)
+            run.precision.step(optimizer, skip=outcome.skipped)
+    timers("optimizer", log_level=1).stop()
     run.ledger.record(outcome)
     # Every replica's batches have this rank's shape (finetuning pads each global batch to one length).
     tokens = report.input_tokens * run.layout.data_parallel_size or cfg.train.global_batch_size * cfg.model.seq_length
     return StepResult(loss_dict=loss_dict, outcome=outcome, num_tokens=tokens)
+
+
+class _timed:  # noqa: N801 - used like a function in a `with` statement
+    """A level-1 timer around a phase of the step (a class: cheaper per step than a generator)."""
+
+    __slots__ = ("timer",)
+
+    def __init__(self, timers: Timers, name: str) -> None:
+        self.timer = timers(name, log_level=1)
+
+    def __enter__(self) -> None:
+        self.timer.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.timer.stop()
 
 
 def _divide_grads(model: list[torch.nn.Module], divisor: torch.Tensor) -> None:
