@@ -2,9 +2,10 @@
 
 One file, no parallelism: each rank holds the whole model and data parallelism wraps it from outside.
 Attention (rotary embeddings, masks, kernels) lives in `attention.py` and the norms in `norms.py`; both
-are re-exported here. Parameter names follow Megatron Core where it has one (`embedding`,
-`layers.N.self_attention.linear_proj`, `final_norm`, `output_layer`) and keep q, k and v (and gate and
-up) as separate `nn.Linear` layers so that Hugging Face checkpoints map onto them one tensor to one tensor.
+are re-exported here. Parameter names borrow Megatron Core's words (`embedding`, `self_attention`,
+`linear_proj`, `final_norm`, `output_layer`) but are not its names: q, k and v (and gate and up) stay
+separate `nn.Linear` layers, where Megatron Core fuses them, so that Hugging Face checkpoints map onto
+them one tensor to one tensor (see docs/differences.md).
 
 Module tree (`N` = layer index; bracketed modules exist only when the provider field named is set):
 
