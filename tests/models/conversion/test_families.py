@@ -287,6 +287,7 @@ def _checkpoint_with_model_section(source: Path, tmp_path: Path, model: dict[str
     (iteration / "hf").rmdir()
     run_config = yaml.safe_load((iteration / "run_config.yaml").read_text())
     run_config["model"] = model | {k: v for k, v in run_config["model"].items() if k != "_target_"}
+    run_config["tokenizer"] = {"tokenizer_type": "NullTokenizer", "vocab_size": 128}  # its folder went with hf/
     (iteration / "run_config.yaml").write_text(yaml.safe_dump(run_config))
     (iteration / "manifest.json").unlink()  # edited by hand: read it as a checkpoint written before checksums
     return checkpoint
