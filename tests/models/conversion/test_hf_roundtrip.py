@@ -135,6 +135,10 @@ def test_import_then_export_checkpoint_round_trips(llama_folder, tmp_path):
 def test_export_without_stored_config_rebuilds_it_from_run_config(llama_folder, llama_model, tmp_path):
     ckpt = AutoBridge.import_ckpt(llama_folder, tmp_path / "ckpt")
     shutil.rmtree(ckpt / "iter_0000000" / "hf")
+    # The run's tokenizer lived in hf/: say the run had none (a run with one is test_export_tokenizer's).
+    run_config = yaml.safe_load((ckpt / "iter_0000000" / "run_config.yaml").read_text())
+    run_config["tokenizer"] = {"tokenizer_type": "NullTokenizer", "vocab_size": 256}
+    (ckpt / "iter_0000000" / "run_config.yaml").write_text(yaml.safe_dump(run_config))
     (ckpt / "iter_0000000" / "manifest.json").unlink()  # edited by hand: read it as written before checksums
     out = AutoBridge.export_ckpt(ckpt, tmp_path / "hf")
     config = json.loads((out / "config.json").read_text())

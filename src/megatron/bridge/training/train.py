@@ -14,7 +14,7 @@ from megatron.bridge.training.eval import evaluate
 from megatron.bridge.training.exit_conditions import ExitConditions, StepDecision
 from megatron.bridge.training.forward_backward import run_microbatches
 from megatron.bridge.training.metrics import StepResult
-from megatron.bridge.training.optim import get_grad_norm
+from megatron.bridge.training.optim import get_canonical_lr_for_logging, get_grad_norm
 from megatron.bridge.training.parallelize import reduce_gradients
 from megatron.bridge.training.setup import SetupOutput
 from megatron.bridge.training.step_ledger import StepOutcome
@@ -56,7 +56,7 @@ def train(run: SetupOutput) -> bool:
             reads = validated or run.metrics.is_due(train_state.step) or run.checkpointer.is_due(train_state.step)
             if reads:
                 run.ledger.settle(check=False)
-            run.metrics.maybe_log(result, learning_rate=run.scheduler.get_lr(), flush=reads)
+            run.metrics.maybe_log(result, learning_rate=_logged_learning_rate(run), flush=reads)
             run.ledger.check()  # after the log line, which then shows the window of a bad step
             if validated:
                 with run.metrics.paused():
@@ -217,3 +217,9 @@ class _manual_gc:  # noqa: N801 - used like a function in a `with` statement
     def __exit__(self, *exc: object) -> None:
         if self.enabled:
             gc.enable()
+
+
+def _logged_learning_rate(run: SetupOutput) -> float:
+    """The rate of the first group on the default schedule, as Megatron logs; the schedule's own when none is."""
+    canonical = get_canonical_lr_for_logging(run.optimizer.param_groups)
+    return canonical if canonical is not None else run.scheduler.get_lr()
