@@ -27,6 +27,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron.bridge.utils.parallel import current_layout
+
 __all__ = ["LOG_OPTIONS", "MAX_LOG_LEVEL", "DummyTimer", "Timer", "Timers"]
 
 MAX_LOG_LEVEL = 2
@@ -195,8 +197,8 @@ class Timers:
         Every rank must call it with the same names; timers that measured nothing are left out.
         """
         text = self.get_all_timers_string(names, normalizer=normalizer, reset=reset, barrier=barrier)
-        world, this_rank = (dist.get_world_size(), dist.get_rank()) if _distributed() else (1, 0)
-        if text is not None and this_rank == (world - 1 if rank is None else rank):
+        layout = current_layout()
+        if text is not None and layout.rank == (layout.world_size - 1 if rank is None else rank):
             print(text, flush=True)
 
     def write(self, names: Iterable[str], writer: Any, iteration: int, normalizer: float = 1.0, reset: bool = False,
@@ -236,11 +238,12 @@ class Timers:
         if barrier:
             _barrier()
         local = [self._timers[name].elapsed(reset=reset) if name in self._timers else 0.0 for name in names]
-        if not names or not _distributed() or dist.get_world_size() == 1:
+        world = current_layout().world_size
+        if not names or not _distributed() or world == 1:
             return [local]
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
         mine = torch.tensor(local, dtype=torch.float64, device=device)
-        everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        everyone = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(everyone, mine)
         return [row.tolist() for row in everyone]
 
