@@ -6,7 +6,8 @@ end-of-sequence token included; the answer takes 20-80% of an example), trained 
 alpha 32, every projection of attention and MLP: q, k, v, o, gate, up, down), fp32, on the CPU, by
 
   (a) ours, packed: `finetune()` with the Hugging Face folder as `checkpoint.pretrained_checkpoint`,
-      offline packing into packs of 512 positions (`first_fit_shuffle`), one pack per micro-batch;
+      offline packing into packs of 512 positions (`first_fit_shuffle`, the default; or
+      `--packing-algorithm first_fit_decreasing`), one pack per micro-batch;
   (b) TRL: `SFTTrainer` with `peft.LoraConfig`, `packing=True` (bfd, padding-free),
       `completion_only_loss=True`, `max_length=512`, one pack per micro-batch, SDPA attention;
   (c) ours, padded: the same as (a) without packing, each global batch padded to its longest example
@@ -21,11 +22,14 @@ per step shows how close the batches are. Both losses cover the answer and the e
 Timing: the first micro-batch of each step stamps the clock (ours: a wrapper around the forward step;
 TRL: `compute_loss`), so a step runs from one stamp to the next and includes data loading, the
 optimizer and the loop's own work. After `--warmup` steps, answer tokens/s is the answer tokens of the
-next `--steps` steps over their wall time. Each variant runs in a process of its own with
-`--threads` threads; its peak memory is the process's RSS high-water mark (`ru_maxrss`) at the end,
-model and data building included. Variants run one after another, in another order each round
-(`--rounds`); the table shows the median over rounds. Needs the bench extra (trl, peft, datasets):
-`.venv/bin/pip install -e ".[bench,peft]"`.
+next `--steps` steps over their wall time; answer tokens per CPU-second divides by the process's CPU
+time over the same steps instead, which other processes' load changes far less (on a shared machine,
+read the two together). Each variant runs in a process of its own with `--threads` threads and
+`OMP_WAIT_POLICY=PASSIVE` (unless set): with OpenMP's default spinning, 2-thread steps on a loaded
+2-core machine ran up to 10x slower, for every variant alike. Peak memory is the process's RSS
+high-water mark (`ru_maxrss`) at the end, model and data building included. Variants run one after
+another, in another order each round (`--rounds`); the table shows the median over rounds.
+Needs the bench extra (trl, peft, datasets): `.venv/bin/pip install -e ".[bench]"`.
 
     .venv/bin/python bench/sft_throughput.py [--steps 10 --warmup 3 --rounds 1 --threads 2]
 """
@@ -94,14 +98,12 @@ def make_rows(args: argparse.Namespace) -> list[dict[str, str]]:
     return rows
 
 
-def padded_global_batch(rows: list[dict[str, str]], args: argparse.Namespace) -> int:
-    """Examples per step for (c): as many as `--packs` first-fit packs hold on average (a multiple of the mbs)."""
+def first_fit_packs(rows: list[dict[str, str]], args: argparse.Namespace) -> int:
+    """How many packs (a) makes of `rows`: the same first-fit packing, with the same seed, as `finetune()`."""
     from megatron.bridge.data.sft.packing import pack_examples
 
     positions = [len(r["prompt"].split()) + len(r["completion"].split()) for r in rows]  # tokens less one
-    packs = pack_examples(positions, args.seq, algorithm="first_fit_shuffle", seed=args.seed)
-    per_step = args.packs * len(rows) / len(packs)
-    return max(1, round(per_step / args.padded_mbs)) * args.padded_mbs
+    return len(pack_examples(positions, args.seq, algorithm=args.packing_algorithm, seed=args.seed))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -115,11 +117,13 @@ class Meter:
         self.per_step = micro_batches_per_step
         self.micro_batches = 0
         self.stamps: list[float] = []
+        self.cpu_stamps: list[float] = []
         self.tokens: list[int] = []
 
     def micro_batch(self, answer_tokens: int) -> None:
         if self.micro_batches % self.per_step == 0:
             self.stamps.append(time.perf_counter())
+            self.cpu_stamps.append(time.process_time())
             self.tokens.append(0)
         self.micro_batches += 1
         self.tokens[-1] += answer_tokens
@@ -148,7 +152,8 @@ def run_ours(args: argparse.Namespace, work: Path, *, packed: bool) -> tuple[Met
         seq_length=args.seq, dataset_root=str(work / "data"), seed=args.seed, do_validation=False, do_test=False,
         preprocessing=PromptCompletionSFTPreprocessingConfig(separator="", add_eos=True),
         enable_offline_packing=packed,
-        offline_packing_specs=PackedSequenceSpecs(packed_sequence_size=args.seq) if packed else None,
+        offline_packing_specs=PackedSequenceSpecs(packed_sequence_size=args.seq,
+                                                  packing_algorithm=args.packing_algorithm) if packed else None,
         pad_to_multiple_of=16,
     )
     cfg.peft = LoRA(target_modules=OUR_TARGETS, dim=32, alpha=32)
@@ -184,8 +189,9 @@ def run_trl(args: argparse.Namespace, work: Path) -> tuple[Meter, dict]:
     import datasets
     import torch
     import transformers
-    from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
+
+    from peft import LoraConfig
 
     transformers.utils.logging.set_verbosity_error()
     datasets.disable_progress_bars()
@@ -227,7 +233,7 @@ def worker(args: argparse.Namespace) -> None:
         meter, info = run_trl(args, work)
     else:
         meter, info = run_ours(args, work, packed=args.worker == "ours_packed")
-    info.update(stamps=meter.stamps, tokens=meter.tokens,
+    info.update(stamps=meter.stamps, cpu_stamps=meter.cpu_stamps, tokens=meter.tokens,
                 peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print("RESULT " + json.dumps(info), flush=True)
 
@@ -255,8 +261,10 @@ def run_variant(name: str, args: argparse.Namespace, work: Path) -> dict:
     first, last = args.warmup, args.warmup + args.steps
     assert len(stamps) > last, f"{name}: {len(stamps)} steps stamped, {last + 1} needed"
     seconds = stamps[last] - stamps[first]
+    cpu_seconds = result["cpu_stamps"][last] - result["cpu_stamps"][first]
     answer = sum(tokens[first:last])
-    return {**result, "tokens_per_s": answer / seconds, "answer_per_step": answer / args.steps,
+    return {**result, "tokens_per_s": answer / seconds, "tokens_per_cpu_s": answer / cpu_seconds,
+            "answer_per_step": answer / args.steps,
             "ms_per_step": 1000 * seconds / args.steps, "load": (load_before, os.getloadavg()[0])}
 
 
@@ -265,20 +273,23 @@ def print_table(results: dict[str, list[dict]], args: argparse.Namespace) -> Non
         return statistics.median(r[key] for r in results[name])
 
     trl_rate = median("trl", "tokens_per_s") if "trl" in results else None
-    header = "| variant | steps | mbs x micro-batches | answer tokens/step | ms/step | answer tokens/s | peak RSS MB | vs TRL |"
-    print(header)
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    trl_cpu_rate = median("trl", "tokens_per_cpu_s") if "trl" in results else None
+    print("| variant | steps | mbs x micro-batches | answer tokens/step | ms/step | answer tokens/s | peak RSS MB "
+          "| vs TRL | answer tokens/CPU-s | vs TRL |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, label in ((n, label) for n, label in VARIANTS.items() if n in results):
         last = results[name][-1]
         batches = f"{last['micro_batch_size']} x {last['global_batch_size'] // last['micro_batch_size']}"
-        rate = median(name, "tokens_per_s")
+        rate, cpu_rate = median(name, "tokens_per_s"), median(name, "tokens_per_cpu_s")
         print(f"| {label} | {args.steps} | {batches} | {median(name, 'answer_per_step'):,.0f} | "
               f"{median(name, 'ms_per_step'):,.0f} | {rate:,.0f} | {median(name, 'peak_rss_mb'):,.0f} | "
-              f"{'-' if trl_rate is None else f'{rate / trl_rate:.2f}x'} |")
+              f"{'-' if trl_rate is None else f'{rate / trl_rate:.2f}x'} | {cpu_rate:,.0f} | "
+              f"{'-' if trl_cpu_rate is None else f'{cpu_rate / trl_cpu_rate:.2f}x'} |")
     if args.rounds > 1:
         for name in results:
             rates = ", ".join(f"{r['tokens_per_s']:,.0f}" for r in results[name])
-            print(f"{name}: answer tokens/s per round: {rates}")
+            cpu_rates = ", ".join(f"{r['tokens_per_cpu_s']:,.0f}" for r in results[name])
+            print(f"{name}: answer tokens/s per round: {rates}; per CPU-second: {cpu_rates}")
     loads = [value for rs in results.values() for r in rs for value in r["load"]]
     print(f"1-minute load average during the runs: {min(loads):.2f}-{max(loads):.2f} (on {os.cpu_count()} cores)")
 
@@ -290,6 +301,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--packs", type=int, default=4, help="packs of --seq tokens per step for (a) and (b)")
+    parser.add_argument("--packing-algorithm", default="first_fit_shuffle",
+                        choices=["first_fit_shuffle", "first_fit_decreasing"], help="offline packing of (a)")
     parser.add_argument("--padded-mbs", type=int, default=2, help="examples per micro-batch for (c)")
     parser.add_argument("--examples", type=int, default=400)
     parser.add_argument("--seq", type=int, default=512, help="most tokens per example, and the pack size")
@@ -315,7 +328,9 @@ def main() -> None:
         rows = make_rows(args)
         (work / "data").mkdir()
         (work / "data" / "training.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-        args.padded_gbs = padded_global_batch(rows, args)
+        our_packs = first_fit_packs(rows, args)
+        # (c) takes as many examples per step as `--packs` packs of (a) hold on average.
+        args.padded_gbs = max(1, round(args.packs * len(rows) / our_packs / args.padded_mbs)) * args.padded_mbs
         names = [n for n in VARIANTS if n in args.variants]
         results: dict[str, list[dict]] = {name: [] for name in names}
         for round_index in range(args.rounds):
@@ -327,6 +342,9 @@ def main() -> None:
           f"ffn {args.ffn}, heads {args.heads}/{args.kv_heads}, vocab {args.vocab_size}; {args.examples} examples of "
           f"32-{args.seq} tokens; {args.steps} steps after {args.warmup}, median of {args.rounds} round(s)\n")
     print_table(results, args)
+    if "trl" in results:
+        print(f"packs of {args.seq}: ours {our_packs} ({args.packing_algorithm}), "
+              f"TRL {results['trl'][-1]['packs']} (bfd); padded global batch: {args.padded_gbs} examples")
 
 
 if __name__ == "__main__":
