@@ -73,6 +73,7 @@ def make_base(folder: Path, args: argparse.Namespace) -> None:
     tokenizer.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "pad_token": EOS}))
+    transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(0)
     config = transformers.Qwen2Config(
         vocab_size=args.vocab_size, hidden_size=args.hidden, intermediate_size=args.ffn,
