@@ -22,13 +22,17 @@ per step shows how close the batches are. Both losses cover the answer and the e
 Timing: the first micro-batch of each step stamps the clock (ours: a wrapper around the forward step;
 TRL: `compute_loss`), so a step runs from one stamp to the next and includes data loading, the
 optimizer and the loop's own work. After `--warmup` steps, answer tokens/s is the answer tokens of the
-next `--steps` steps over their wall time; answer tokens per CPU-second divides by the process's CPU
-time over the same steps instead, which other processes' load changes far less (on a shared machine,
-read the two together). Each variant runs in a process of its own with `--threads` threads and
-`OMP_WAIT_POLICY=PASSIVE` (unless set): with OpenMP's default spinning, 2-thread steps on a loaded
-2-core machine ran up to 10x slower, for every variant alike. Peak memory is the process's RSS
-high-water mark (`ru_maxrss`) at the end, model and data building included. Variants run one after
-another, in another order each round (`--rounds`); the table shows the median over rounds.
+next `--steps` steps over their time; answer tokens per CPU-second divides by the process's CPU time
+over the same steps instead. Each variant runs in a process of its own, with `--threads` threads and
+`OMP_WAIT_POLICY=PASSIVE` (unless set: with OpenMP's default spinning, 2-thread steps on a loaded
+2-core machine ran up to 10x slower, for every variant alike). The three processes run in lockstep:
+at every step boundary a process hands a token to the driver and waits (uncounted) until its turn
+comes again, so only one steps at a time and step k of each variant runs within seconds of the
+others' (each goes first in turn). Bursts of load from other processes, which on the shared 2-core
+machine moved a variant run on its own by 2x from one run to the next, then hit all three alike.
+`--sequential` runs them one after another instead. Peak memory is the process's RSS high-water mark
+(`ru_maxrss`) at the end, model and data building included. The table shows the median over
+`--rounds` (each starting with another variant).
 Needs the bench extra (trl, peft, datasets): `.venv/bin/pip install -e ".[bench]"`.
 
     .venv/bin/python bench/sft_throughput.py [--steps 10 --warmup 3 --rounds 1 --threads 2]
@@ -112,19 +116,32 @@ def first_fit_packs(rows: list[dict[str, str]], args: argparse.Namespace) -> int
 
 
 class Meter:
-    """Stamps the first micro-batch of every step and adds up each step's answer tokens."""
+    """Times every step from its first micro-batch to the next step's, and adds up each step's answer tokens.
 
-    def __init__(self, micro_batches_per_step: int) -> None:
+    With `sync` (two pipe descriptors: read "go", write "done") it hands the machine back to the driver at
+    every step boundary and waits for its turn; the wait is not counted.
+    """
+
+    def __init__(self, micro_batches_per_step: int, sync: tuple[int, int] | None = None) -> None:
         self.per_step = micro_batches_per_step
+        self.sync = sync
         self.micro_batches = 0
-        self.stamps: list[float] = []
-        self.cpu_stamps: list[float] = []
+        self.seconds: list[float] = []
+        self.cpu_seconds: list[float] = []
         self.tokens: list[int] = []
+        self._started: tuple[float, float] | None = None
 
     def micro_batch(self, answer_tokens: int) -> None:
         if self.micro_batches % self.per_step == 0:
-            self.stamps.append(time.perf_counter())
-            self.cpu_stamps.append(time.process_time())
+            if self._started is not None:
+                self.seconds.append(time.perf_counter() - self._started[0])
+                self.cpu_seconds.append(time.process_time() - self._started[1])
+            if self.sync is not None:
+                go, done = self.sync
+                os.write(done, b"d")
+                if not os.read(go, 1):
+                    raise SystemExit("the driver is gone")
+            self._started = (time.perf_counter(), time.process_time())
             self.tokens.append(0)
         self.micro_batches += 1
         self.tokens[-1] += answer_tokens
@@ -165,7 +182,7 @@ def run_ours(args: argparse.Namespace, work: Path, *, packed: bool) -> tuple[Met
     cfg.validation.eval_interval = None
     cfg.optimizer.lr, cfg.scheduler.lr_decay_style, cfg.scheduler.lr_warmup_iters = 1e-4, "constant", 0
     cfg.logger.log_interval, cfg.logger.tensorboard_dir = 10**6, None
-    meter = Meter(cfg.train.global_batch_size // mbs)
+    meter = Meter(cfg.train.global_batch_size // mbs, sync=args.sync)
 
     class Counted:
         """The data iterator, adding each micro-batch's answer tokens to the meter."""
@@ -201,7 +218,7 @@ def run_trl(args: argparse.Namespace, work: Path) -> tuple[Meter, dict]:
     model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation="sdpa")
     # Not AutoTokenizer: for a qwen2 config, transformers 5 rebuilds the tokenizer as Qwen2's byte-level BPE.
     tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(base)
-    meter = Meter(args.packs)
+    meter = Meter(args.packs, sync=args.sync)
 
     class MeteredSFTTrainer(SFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -230,11 +247,12 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     work = Path(args.work)
+    args.sync = tuple(int(fd) for fd in args.sync.split(","))
     if args.worker == "trl":
         meter, info = run_trl(args, work)
     else:
         meter, info = run_ours(args, work, packed=args.worker == "ours_packed")
-    info.update(stamps=meter.stamps, cpu_stamps=meter.cpu_stamps, tokens=meter.tokens,
+    info.update(seconds=meter.seconds, cpu_seconds=meter.cpu_seconds, tokens=meter.tokens,
                 peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print("RESULT " + json.dumps(info), flush=True)
 
@@ -243,30 +261,69 @@ def worker(args: argparse.Namespace) -> None:
 # The driver
 
 
-def run_variant(name: str, args: argparse.Namespace, work: Path) -> dict:
-    """Run `name` in a fresh process; its measurements over the timed steps."""
-    forwarded = [f"--{key.replace('_', '-')}={value}" for key, value in vars(args).items()
-                 if key not in ("worker", "work", "variants") and value is not None]
-    # Passive waiting: on a shared machine, OpenMP threads that spin at every barrier while another process
-    # holds a core made steps up to 10x slower, and by an amount that depended on the load, not the code.
-    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_CACHE": str(work / "hf_datasets"), "TOKENIZERS_PARALLELISM": "false"}
-    load_before = os.getloadavg()[0]
-    done = subprocess.run([sys.executable, __file__, f"--worker={name}", f"--work={work}", *forwarded],
-                          env=env, capture_output=True, text=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        sys.exit(f"variant {name} failed (exit {done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
-    result = json.loads(lines[-1].removeprefix("RESULT "))
-    stamps, tokens = result["stamps"], result["tokens"]
-    first, last = args.warmup, args.warmup + args.steps
-    assert len(stamps) > last, f"{name}: {len(stamps)} steps stamped, {last + 1} needed"
-    seconds = stamps[last] - stamps[first]
-    cpu_seconds = result["cpu_stamps"][last] - result["cpu_stamps"][first]
-    answer = sum(tokens[first:last])
-    return {**result, "tokens_per_s": answer / seconds, "tokens_per_cpu_s": answer / cpu_seconds,
-            "answer_per_step": answer / args.steps,
-            "ms_per_step": 1000 * seconds / args.steps, "load": (load_before, os.getloadavg()[0])}
+class Worker:
+    """One variant's process, started at once and run step by step through two pipes."""
+
+    def __init__(self, name: str, args: argparse.Namespace, work: Path) -> None:
+        forwarded = [f"--{key.replace('_', '-')}={value}" for key, value in vars(args).items()
+                     if key not in ("worker", "work", "variants", "sync", "sequential") and value is not None]
+        go_read, self.go = os.pipe()
+        self.done, done_write = os.pipe()
+        # Passive waiting: with OpenMP's default spinning, threads that spin at every barrier while another
+        # process holds a core made steps up to 10x slower, by an amount that followed the load, not the code.
+        env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "OMP_NUM_THREADS": str(args.threads),
+               "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(work / "hf_datasets"), "TOKENIZERS_PARALLELISM": "false"}
+        self.name, self.log = name, work / f"{name}.log"
+        with open(self.log, "w") as log:  # a file, not a pipe: a full pipe would block the worker mid-step
+            self.process = subprocess.Popen(
+                [sys.executable, __file__, f"--worker={name}", f"--work={work}", f"--sync={go_read},{done_write}",
+                 *forwarded], env=env, stdout=log, stderr=subprocess.STDOUT, pass_fds=(go_read, done_write))
+        os.close(go_read)
+        os.close(done_write)
+
+    def wait_for_boundary(self) -> None:
+        """Block until the worker reaches its next step boundary (or fail with its log if it died)."""
+        if not os.read(self.done, 1):
+            self.process.wait()
+            sys.exit(f"variant {self.name} failed (exit {self.process.returncode}):\n{self.log.read_text()[-6000:]}")
+
+    def run_step(self) -> None:
+        os.write(self.go, b"g")
+        self.wait_for_boundary()
+
+    def finish(self) -> dict:
+        os.write(self.go, b"g")
+        self.process.wait()
+        lines = [line for line in self.log.read_text().splitlines() if line.startswith("RESULT ")]
+        if self.process.returncode != 0 or not lines:
+            sys.exit(f"variant {self.name} failed (exit {self.process.returncode}):\n{self.log.read_text()[-6000:]}")
+        return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def run_round(names: list[str], args: argparse.Namespace, work: Path) -> dict[str, dict]:
+    """Every variant's measurements over the timed steps, the variants run in lockstep (or one by one)."""
+    groups = [[name] for name in names] if args.sequential else [names]
+    raw: dict[str, dict] = {}
+    load = [os.getloadavg()[0]]
+    for group in groups:
+        workers = [Worker(name, args, work) for name in group]
+        for worker in workers:  # model and data building: concurrent, not timed
+            worker.wait_for_boundary()
+        for step in range(args.warmup + args.steps):
+            shift = step % len(workers)  # each variant goes first, second, ... in turn
+            for worker in workers[shift:] + workers[:shift]:
+                worker.run_step()
+        raw.update({worker.name: worker.finish() for worker in workers})
+        load.append(os.getloadavg()[0])
+    timed = slice(args.warmup, args.warmup + args.steps)
+    results = {}
+    for name, result in raw.items():
+        seconds, cpu_seconds = sum(result["seconds"][timed]), sum(result["cpu_seconds"][timed])
+        answer = sum(result["tokens"][timed])
+        results[name] = {**result, "tokens_per_s": answer / seconds, "tokens_per_cpu_s": answer / cpu_seconds,
+                         "answer_per_step": answer / args.steps, "ms_per_step": 1000 * seconds / args.steps,
+                         "load": (min(load), max(load))}
+    return results
 
 
 def print_table(results: dict[str, list[dict]], args: argparse.Namespace) -> None:
@@ -317,7 +374,10 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--padded-gbs", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    parser.add_argument("--sequential", action="store_true",
+                        help="run the variants one after another instead of in lockstep")
     parser.add_argument("--work", help=argparse.SUPPRESS)
+    parser.add_argument("--sync", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
         args.variants = None
@@ -335,10 +395,10 @@ def main() -> None:
         names = [n for n in VARIANTS if n in args.variants]
         results: dict[str, list[dict]] = {name: [] for name in names}
         for round_index in range(args.rounds):
-            for name in names[round_index % len(names):] + names[:round_index % len(names)]:
-                results[name].append(run_variant(name, args, work))
-                print(f"round {round_index + 1}: {name}: {results[name][-1]['tokens_per_s']:,.0f} answer tokens/s",
-                      flush=True)
+            shift = round_index % len(names)
+            for name, result in run_round(names[shift:] + names[:shift], args, work).items():
+                results[name].append(result)
+                print(f"round {round_index + 1}: {name}: {result['tokens_per_s']:,.0f} answer tokens/s", flush=True)
     print(f"\nLoRA finetuning on the CPU ({args.threads} threads): Qwen2 {args.layers} layers, hidden {args.hidden}, "
           f"ffn {args.ffn}, heads {args.heads}/{args.kv_heads}, vocab {args.vocab_size}; {args.examples} examples of "
           f"32-{args.seq} tokens; {args.steps} steps after {args.warmup}, median of {args.rounds} round(s)\n")
