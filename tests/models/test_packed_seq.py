@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from megatron.bridge.models import GPTModelProvider, PackedSeqParams, get_packed_seq_params
-from megatron.bridge.models.attention import Attention, AttentionMask, rotary_cos_sin, same_document_causal
+from megatron.bridge.models.attention import (
+    Attention,
+    AttentionMask,
+    DocumentSpans,
+    rotary_cos_sin,
+    same_document_causal,
+)
 
 VOCAB = 100
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -93,6 +99,65 @@ def test_document_mask_is_block_diagonal_and_causal():
     ]
     windowed = AttentionMask(seq_length=6, device=torch.device("cpu"), document_ids=document_ids).for_window(1)
     assert windowed[0, 0, 4].int().tolist() == [0, 0, 0, 1, 1, 0]  # window of 2 keys, inside the document
+
+
+def test_document_spans_cut_every_row_at_its_examples():
+    # Rows of 8: examples at 0-3 and 3-11 (crossing into row 1), then 11-16; an empty example at 16.
+    assert DocumentSpans.from_cu_seqlens([0, 3, 11, 16, 16], batch=2, seq=8).lengths == ((3, 5), (3, 5))
+
+
+def test_per_example_attention_equals_the_block_diagonal_mask_forward_and_backward():
+    """The CPU's packed path (one causal call per example) against one SDPA call with the dense mask."""
+    seq = 40
+    torch.manual_seed(0)
+    config = GPTModelProvider(num_layers=1, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+                              ffn_hidden_size=48, seq_length=seq, vocab_size=VOCAB)
+    attn = Attention(config)
+    lengths = [[11, 25, 4], [40]]
+    document_ids = torch.stack([torch.repeat_interleave(torch.arange(len(row)), torch.tensor(row)) for row in lengths])
+    cu_seqlens = [0, 11, 36, 40, 80]
+    rope = rotary_cos_sin(torch.arange(seq).expand(2, seq), attn.head_dim, config.rotary_base)
+    cpu = torch.device("cpu")
+    spans = AttentionMask(seq_length=seq, device=cpu, document_ids=document_ids,
+                          document_spans=DocumentSpans.from_cu_seqlens(cu_seqlens, 2, seq)).for_window(None)
+    dense = AttentionMask(seq_length=seq, device=cpu, document_ids=document_ids).for_window(None)
+    assert isinstance(spans, DocumentSpans) and isinstance(dense, torch.Tensor)
+    x = torch.randn(2, seq, config.hidden_size)
+    grads = []
+    for mask in (spans, dense):
+        attn.zero_grad()
+        inputs = x.clone().requires_grad_()
+        out = attn(inputs, rope, mask)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append((out.detach(), inputs.grad, attn.linear_q.weight.grad.clone()))
+    for mine, reference in zip(*grads, strict=True):
+        torch.testing.assert_close(mine, reference, atol=1e-5, rtol=1e-5)
+    # A windowed layer keeps the dense band (the spans know no window).
+    windowed = AttentionMask(seq_length=seq, device=cpu, document_ids=document_ids,
+                             document_spans=DocumentSpans.from_cu_seqlens(cu_seqlens, 2, seq)).for_window(5)
+    assert isinstance(windowed, torch.Tensor)
+
+
+def test_a_loss_mask_skips_the_logits_of_uncounted_positions_and_changes_no_counted_loss():
+    model = build().train()
+    tokens = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
+    labels = torch.roll(tokens, -1, dims=1)
+    loss_mask = torch.zeros(2, 24)
+    loss_mask[0, 10:20], loss_mask[1, 3:5] = 1.0, 1.0
+    results = []
+    for kwargs in ({}, {"loss_mask": loss_mask}):
+        model.zero_grad()
+        losses = model(tokens, labels=labels, **kwargs)
+        (losses * loss_mask).sum().backward()
+        results.append((losses.detach(), [p.grad.clone() for p in model.parameters()]))
+    (full, full_grads), (selected, selected_grads) = results
+    assert selected.shape == full.shape and selected.dtype == torch.float32
+    assert torch.equal(selected[loss_mask == 0], torch.zeros(int((loss_mask == 0).sum())))
+    torch.testing.assert_close(selected[loss_mask != 0], full[loss_mask != 0], atol=1e-6, rtol=1e-6)
+    for mine, reference in zip(selected_grads, full_grads, strict=True):
+        torch.testing.assert_close(mine, reference, atol=1e-6, rtol=1e-5)
+    nothing = model(tokens, labels=labels, loss_mask=torch.zeros(2, 24))  # a micro-batch of prompts only
+    assert torch.equal(nothing, torch.zeros(2, 24))
 
 
 # Eager FlexAttention warns that it is unfused; it is the mask, not the speed, under test here.

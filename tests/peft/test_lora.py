@@ -232,3 +232,36 @@ def test_adapted_model_is_built_by_the_provider_hook(ids):
     total = sum(p.numel() for p in model.parameters())
     assert freeze_summary(model) == (f"> PEFT: {adapters / 1e6:.3f}M trainable of {total / 1e6:.2f}M parameters "
                                      f"({100 * adapters / total:.2f}%)")
+
+
+def test_members_of_a_site_share_one_down_projection_with_exact_gradients_and_keep_no_activation():
+    import gc
+    import weakref
+
+    model = tiny_model(LoRA(dim=8, alpha=16, lora_B_init_method="normal"))
+    attention = model.layers[0].self_attention
+    adapter = attention.linear_qkv_adapter
+    members = [attention.linear_q, attention.linear_k, attention.linear_v]
+    a = adapter.linear_in.weight.detach().clone().requires_grad_()
+    b = adapter.linear_out.weight.detach().clone().requires_grad_()
+    x = torch.randn(2, 5, a.shape[1], requires_grad=True)
+    weights = [torch.randn(2, 5, m.out_features) for m in members]
+    # Reference: every member's y = W x + bias + s * (x A^T) B_i^T, written out with plain tensors.
+    reference = sum(
+        ((torch.nn.functional.linear(x, m.weight, m.bias) + adapter.scale * (x @ a.t()) @ b[m.rows[0]:m.rows[1]].t())
+         * w).sum() for m, w in zip(members, weights, strict=True))
+    reference.backward()
+    expected = (x.grad.clone(), a.grad, b.grad)
+    x.grad = None
+    sum((m(x) * w).sum() for m, w in zip(members, weights, strict=True)).backward()
+    actual = (x.grad, adapter.linear_in.weight.grad, adapter.linear_out.weight.grad)
+    for mine, theirs in zip(actual, expected, strict=True):
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+    # Once the last member has read it, the site holds neither the input nor its product.
+    probe = torch.randn(2, 5, a.shape[1])
+    alive = weakref.ref(probe)
+    with torch.no_grad():
+        outputs = [m(probe) for m in members]
+    del probe, outputs
+    gc.collect()
+    assert alive() is None

@@ -77,3 +77,27 @@ def test_a_packed_run_starts_with_the_loss_of_the_padded_one(dataset):
         first_losses.append(trace.losses[0])
     assert packs < 8
     assert abs(first_losses[0] - first_losses[1]) < 1e-5, first_losses
+
+
+class ModelInputs(Callback):
+    """The keyword arguments the default forward step hands the model, recorded by a forward pre-hook."""
+
+    def __init__(self) -> None:
+        self.keywords: list[set[str]] = []
+
+    def on_train_start(self, context):
+        def record(module, args, kwargs):
+            self.keywords.append(set(kwargs))
+
+        context.model[0].register_forward_pre_hook(record, with_kwargs=True)
+
+
+def test_finetuning_batches_hand_the_model_their_loss_mask_and_pretraining_batches_do_not(dataset):
+    rows = random_prompt_rows(16)
+    finetuning = ModelInputs()
+    pretrain(sft_config(lambda: dataset(rows, seq_length=16, pad_to_multiple_of=8), train__train_iters=2,
+                        validation__eval_iters=0), forward_step, [finetuning])
+    assert finetuning.keywords and all("loss_mask" in keys for keys in finetuning.keywords)
+    pretraining = ModelInputs()
+    pretrain(make_tiny_config(train__train_iters=2, validation__eval_iters=0), forward_step, [pretraining])
+    assert pretraining.keywords and not any("loss_mask" in keys for keys in pretraining.keywords)

@@ -8,11 +8,14 @@ once per distinct window, into what the attention kernel takes (a `LayerMask`):
 | -------------------------------------- | ------------------ | --------------------------------------------- |
 | full causal, or a window >= the sequence | `None`           | SDPA `is_causal=True` (flash on GPUs)         |
 | windowed and/or packed, on CUDA        | `BlockMask`        | `torch.compile(flex_attention)`, block-sparse |
-| windowed or packed elsewhere, or any explicit mask | boolean `Tensor` | SDPA with the mask (True = may attend) |
+| packed, not windowed, elsewhere         | `DocumentSpans`   | SDPA `is_causal=True` once per example        |
+| windowed elsewhere, or any explicit mask | boolean `Tensor`  | SDPA with the mask (True = may attend)        |
 
 FlexAttention is the GPU kernel because SDPA has no window or document argument: its flash backend takes
 no mask at all, so a windowed or packed SDPA call on a GPU would need a dense `[seq, seq]` mask.
-FlexAttention has no backward on the CPU, so CPU training uses SDPA with a boolean mask.
+FlexAttention has no backward on the CPU, so CPU training runs packed examples one by one (each a
+causal SDPA call over its own tokens: a pack of two 256-token examples costs a quarter of one masked
+512-token call) and windowed layers with a boolean mask.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from megatron.bridge.models.norms import build_norm
 __all__ = [
     "Attention",
     "AttentionMask",
+    "DocumentSpans",
     "LayerMask",
     "apply_rotary",
     "attend",
@@ -50,9 +54,26 @@ if TYPE_CHECKING:
 # Flash attention handles grouped k/v natively from torch 2.5 on; older versions need k/v repeated.
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
-LayerMask = torch.Tensor | BlockMask | None
+class DocumentSpans(NamedTuple):
+    """The examples of a packed batch as the lengths of its segments, row by row (each row's sum to `seq`)."""
+
+    lengths: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def from_cu_seqlens(cls, cu_seqlens: list[int], batch: int, seq: int) -> DocumentSpans:
+        """Cut `batch` rows of `seq` tokens at the example offsets `cu_seqlens` (into the flattened batch)."""
+        rows = []
+        for row in range(batch):
+            first, last = row * seq, (row + 1) * seq
+            cuts = sorted({first, last, *(c for c in cu_seqlens if first < c < last)})
+            rows.append(tuple(b - a for a, b in zip(cuts, cuts[1:], strict=False)))
+        return cls(tuple(rows))
+
+
+LayerMask = torch.Tensor | BlockMask | DocumentSpans | None
 """What one layer's attention kernel is given: None (plain causal), a boolean `Tensor` broadcastable to
-`[batch, heads, seq, seq]` with True where a query may attend (SDPA), or a FlexAttention `BlockMask`."""
+`[batch, heads, seq, seq]` with True where a query may attend (SDPA), a FlexAttention `BlockMask`, or
+the `DocumentSpans` of a packed batch (causal attention inside each)."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -128,6 +149,8 @@ class AttentionMask:
     """Hand windowed and packed layers a FlexAttention `BlockMask` instead of a dense one (on by default on CUDA)."""
     document_ids: torch.Tensor | None = None
     """Packed sequences: `[batch, seq]` integer id of the example each token belongs to (None: one per row)."""
+    document_spans: DocumentSpans | None = None
+    """Packed sequences off CUDA: the same examples as token ranges, run one by one where no window applies."""
 
     def for_window(self, window_left: int | None) -> LayerMask:
         """The mask for layers with window `(window_left, 0)` (None: full causal); see the module table."""
@@ -136,6 +159,8 @@ class AttentionMask:
         packed = self.document_ids is not None
         if self.hidden is None and not windowed and not packed:
             return None
+        if self.hidden is None and not windowed and self.document_spans is not None:
+            return self.document_spans
         if self.hidden is None and self.block_sparse:
             if packed:
                 return document_block_mask(self.document_ids, window)
@@ -242,6 +267,8 @@ def attend(
     if isinstance(mask, BlockMask):
         assert dropout == 0.0, "validated: windowed and packed attention on CUDA have no dropout"
         return _flex(q, k, v, mask, scale)
+    if isinstance(mask, DocumentSpans):
+        return _attend_per_document(q, k, v, mask, scale=scale, dropout=dropout)
     heads, groups = q.shape[1], k.shape[1]
     # Fused kernels other than flash may not take grouped k/v; with an explicit mask flash is out
     # anyway, so only the causal path relies on native GQA.
@@ -257,6 +284,18 @@ def attend(
         scale=scale,
         **({"enable_gqa": True} if native_gqa else {}),
     )
+
+
+def _attend_per_document(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: DocumentSpans, *,
+                         scale: float | None, dropout: float) -> torch.Tensor:
+    # Split, not sliced: the backward of a split is one concatenation, that of each slice a zero-filled
+    # tensor of the whole row.
+    rows = []
+    for q_row, k_row, v_row, lengths in zip(q.split(1), k.split(1), v.split(1), documents.lengths, strict=True):
+        pieces = zip(q_row.split(lengths, dim=2), k_row.split(lengths, dim=2), v_row.split(lengths, dim=2),
+                     strict=True)
+        rows.append(torch.cat([attend(*qkv, None, scale=scale, dropout=dropout) for qkv in pieces], dim=2))
+    return torch.cat(rows)
 
 
 class Attention(nn.Module):

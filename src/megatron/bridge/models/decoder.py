@@ -43,6 +43,7 @@ from torch.utils.checkpoint import checkpoint
 from megatron.bridge.models.attention import (
     Attention,
     AttentionMask,
+    DocumentSpans,
     LayerMask,
     apply_rotary,
     llama3_scaled_frequencies,
@@ -255,6 +256,7 @@ class GPTModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         packed_seq_params: PackedSeqParams | None = None,
+        loss_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits `[batch, seq, vocab]`, or with `labels` the float32 per-token loss `[batch, seq]`.
 
@@ -262,7 +264,9 @@ class GPTModel(nn.Module):
         `attention_mask` is None (causal) or a boolean `[batch, 1, seq, seq]` tensor where True marks a
         position that must not be attended to; windowed layers also keep to their window. With
         `packed_seq_params` (`qkv_format="thd"`), each row holds several examples and no token attends
-        across an example boundary.
+        across an example boundary. With `labels` and a `loss_mask` `[batch, seq]`, the logits are
+        computed only where the mask is non-zero and every other loss is 0.0 (a copy of the mask's
+        selection costs a device sync on GPUs).
         """
         b, s = input_ids.shape
         document_ids = None
@@ -277,9 +281,13 @@ class GPTModel(nn.Module):
                 position_ids = packed_seq_params.position_ids(b, s)
         if position_ids is None:
             position_ids = torch.arange(s, device=input_ids.device).unsqueeze(0).expand(b, s)
+        spans = None
+        # Off CUDA the offsets are on the host (free to read); compiled blocks would recompile for every new set.
+        if packed_seq_params is not None and not input_ids.is_cuda and not self.compile_loss:
+            spans = DocumentSpans.from_cu_seqlens(packed_seq_params.cu_seqlens_q.tolist(), b, s)
         masks = AttentionMask(
             seq_length=s, device=input_ids.device, hidden=attention_mask, block_sparse=input_ids.is_cuda,
-            document_ids=document_ids,
+            document_ids=document_ids, document_spans=spans,
         )
         x = self._embed(input_ids)
         x = self.final_norm(self._run_layers(x, self._layer_inputs(position_ids, masks)))
@@ -288,4 +296,11 @@ class GPTModel(nn.Module):
             return F.linear(x, weight)
         # The full fp32 logits of a 150k vocabulary would be the largest tensor of the step.
         chunk_tokens = max(128, _LOGITS_PER_CHUNK // weight.shape[0])
-        return chunked_cross_entropy(x, weight, labels, chunk_tokens=chunk_tokens, compiled=self.compile_loss)
+        if loss_mask is None:
+            return chunked_cross_entropy(x, weight, labels, chunk_tokens=chunk_tokens, compiled=self.compile_loss)
+        # Logits only where a loss is counted: in finetuning the prompts and the padding are most tokens.
+        counted = loss_mask.reshape(-1) != 0
+        losses = torch.zeros(b * s, dtype=torch.float32, device=x.device)
+        losses[counted] = chunked_cross_entropy(x.reshape(b * s, -1)[counted], weight, labels.reshape(-1)[counted],
+                                                chunk_tokens=chunk_tokens, compiled=self.compile_loss)
+        return losses.view(b, s)

@@ -19,9 +19,12 @@ Math, with `s = alpha / dim` and each member's rows `B_i`, `m_i`:
     LoRA   y = W x + b + s * B_i A drop(x)                       (dropout "pre"; "post" drops s * B_i A x)
     DoRA   y = (m_i / ||W + s B_i A||) * (W x + s * B_i A x) + b (row norms, treated as constants)
 
-Each member computes `A x` itself (in eager mode three times for q, k, v: a `dim`-wide product, small
-next to the projections; a compiler can share it) and, with dropout, draws its own mask, as peft's
-separate projections do.
+Without dropout the members of a site share one `A x` (q, k and v read the same input; so do gate and
+up): the first member computes it, the others reuse it, and the last one lets it go. With dropout
+"pre" each member draws its own mask and so computes its own `A drop(x)`, as peft's separate
+projections do. A compiled block computes each member's product and leaves the sharing to the
+compiler. The scale and the sum go into the second product (`out += s * h B_i^T`, one GEMM), so the
+adapter adds no pass over the layer's output.
 """
 
 from __future__ import annotations
@@ -78,6 +81,24 @@ class LowRankAdapter(nn.Module):
         self.weight_magnitude = nn.Parameter(torch.ones(sum(rows))) if magnitude else None
         init_weight_(self.linear_in.weight, a_init)
         init_weight_(self.linear_out.weight, b_init)
+        self._members = len(rows)
+        self._shared: tuple[torch.Tensor, torch.Tensor, int] | None = None
+        """The last input, its `A x`, and how many members have yet to read it."""
+
+    def down_project(self, x: torch.Tensor) -> torch.Tensor:
+        """`A drop(x)` ("pre" dropout) or `A x`, computed once for all members when no dropout mask is drawn."""
+        if self.dropout_position == "pre" and self.dropout_p > 0:
+            return self.linear_in(self.dropout(x))  # every member its own mask
+        if self._members == 1 or torch.compiler.is_compiling():
+            return self.linear_in(x)
+        shared = self._shared
+        if shared is not None and shared[0] is x:
+            hidden, remaining = shared[1], shared[2] - 1
+        else:
+            hidden, remaining = self.linear_in(x), self._members - 1
+        # Held only until the last member has read it: an activation kept past its step would cost memory.
+        self._shared = (x, hidden, remaining) if remaining > 0 else None
+        return hidden
 
     def extra_repr(self) -> str:
         return f"scale={self.scale:g}, dropout={self.dropout_p:g} ({self.dropout_position})"
@@ -126,11 +147,16 @@ class LoRALinear(AdaptedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         adapter, (start, stop) = self.adapter, self.rows
-        out = F.linear(x, self.weight, self.bias)
-        pre = adapter.dropout_position == "pre"
-        hidden = adapter.linear_in(adapter.dropout(x) if pre else x)
-        delta = F.linear(hidden, adapter.linear_out.weight[start:stop]) * adapter.scale
-        return out + (delta if pre else adapter.dropout(delta))
+        hidden = adapter.down_project(x)
+        b_rows = adapter.linear_out.weight[start:stop]
+        if adapter.dropout_position == "post" and adapter.dropout_p > 0:
+            return F.linear(x, self.weight, self.bias) + adapter.dropout(F.linear(hidden, b_rows) * adapter.scale)
+        # In place on the 2-D product itself (in place on a view would make autograd copy the gradient):
+        # the base product's output is not saved for its backward. Autocast does not cast in-place
+        # products, so the operands take the output's dtype, as autocast would give them.
+        out = F.linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
+        out.addmm_(hidden.reshape(-1, hidden.shape[-1]).to(out.dtype), b_rows.to(out.dtype).t(), alpha=adapter.scale)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     def merged_weight(self, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                       magnitude: torch.Tensor | None) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """The default forward step for GPT pretraining and finetuning: fetch a batch, run the model, return a loss function.
 
 Packed finetuning batches also carry `cu_seqlens` (and `max_seqlen`), which become the model's
-`packed_seq_params`.
+`packed_seq_params`; finetuning batches hand the model their `loss_mask`, so that it computes logits
+only where a loss is counted.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 import torch
 
+from megatron.bridge.data.sft.config import GPTSFTDatasetConfig
 from megatron.bridge.models.packed_seq import get_packed_seq_params
 from megatron.bridge.training.state import GlobalState
 
@@ -54,8 +56,11 @@ def forward_step(
     assert not return_schedule_plan, "schedule plans are a pipeline-parallel feature this package does not have"
     batch = get_batch(data_iterator, next(model.parameters()).device)
     # Only packed batches pass the argument, so models without it keep working on unpacked data.
-    packed = {"packed_seq_params": get_packed_seq_params(batch)} if "cu_seqlens" in batch else {}
+    extra = {"packed_seq_params": get_packed_seq_params(batch)} if "cu_seqlens" in batch else {}
+    if isinstance(getattr(getattr(state, "cfg", None), "dataset", None), GPTSFTDatasetConfig):
+        # Prompts and padding are most of a finetuning batch: the model computes logits for the answers only.
+        extra["loss_mask"] = batch["loss_mask"]
     output_tensor = model(
-        batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"], **packed
+        batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"], **extra
     )
     return output_tensor, partial(masked_next_token_loss, batch["loss_mask"])
