@@ -30,7 +30,8 @@ at every step boundary a process hands a token to the driver and waits (uncounte
 comes again, so only one steps at a time and step k of each variant runs within seconds of the
 others' (each goes first in turn). Bursts of load from other processes, which on the shared 2-core
 machine moved a variant run on its own by 2x from one run to the next, then hit all three alike.
-`--sequential` runs them one after another instead. Peak memory is the process's RSS high-water mark
+`--sequential` runs them one after another instead. The ratios to TRL are the median of each round's
+ratio. Peak memory is the process's RSS high-water mark
 (`ru_maxrss`) at the end, model and data building included. The table shows the median over
 `--rounds` (each starting with another variant).
 Needs the bench extra (trl, peft, datasets): `.venv/bin/pip install -e ".[bench]"`.
@@ -330,8 +331,12 @@ def print_table(results: dict[str, list[dict]], args: argparse.Namespace) -> Non
     def median(name: str, key: str) -> float:
         return statistics.median(r[key] for r in results[name])
 
-    trl_rate = median("trl", "tokens_per_s") if "trl" in results else None
-    trl_cpu_rate = median("trl", "tokens_per_cpu_s") if "trl" in results else None
+    def vs_trl(name: str, key: str) -> str:
+        # The median of each round's ratio: the variants of one round ran side by side, under one load.
+        if "trl" not in results:
+            return "-"
+        return f"{statistics.median(r[key] / t[key] for r, t in zip(results[name], results['trl'], strict=True)):.2f}x"
+
     print("| variant | steps | mbs x micro-batches | answer tokens/step | ms/step | answer tokens/s | peak RSS MB "
           "| vs TRL | answer tokens/CPU-s | vs TRL |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -341,8 +346,7 @@ def print_table(results: dict[str, list[dict]], args: argparse.Namespace) -> Non
         rate, cpu_rate = median(name, "tokens_per_s"), median(name, "tokens_per_cpu_s")
         print(f"| {label} | {args.steps} | {batches} | {median(name, 'answer_per_step'):,.0f} | "
               f"{median(name, 'ms_per_step'):,.0f} | {rate:,.0f} | {median(name, 'peak_rss_mb'):,.0f} | "
-              f"{'-' if trl_rate is None else f'{rate / trl_rate:.2f}x'} | {cpu_rate:,.0f} | "
-              f"{'-' if trl_cpu_rate is None else f'{cpu_rate / trl_cpu_rate:.2f}x'} |")
+              f"{vs_trl(name, 'tokens_per_s')} | {cpu_rate:,.0f} | {vs_trl(name, 'tokens_per_cpu_s')} |")
     if args.rounds > 1:
         for name in results:
             rates = ", ".join(f"{r['tokens_per_s']:,.0f}" for r in results[name])
