@@ -25,15 +25,28 @@ from megatron.bridge.models.conversion.hf_config import (
     write_common,
 )
 from megatron.bridge.models.conversion.param_mapping import (
+    EMBEDDING_ROW,
+    FINAL_NORM_ROW,
+    OUTPUT_ROW,
     NameMapping,
+    attention_rows,
     hf_name_of,
+    layer_row,
     megatron_name_of,
     megatron_param_shapes,
+    mlp_rows,
 )
 from megatron.bridge.models.gpt_provider import GPTModelProvider
 from megatron.bridge.utils.errors import ConfigError, config_error
 
-__all__ = ["PLAIN_DECODER", "ModelFamily", "no_family_error", "read_llama_style", "write_llama_style"]
+__all__ = [
+    "PLAIN_DECODER",
+    "ModelFamily",
+    "llama_style_rows",
+    "no_family_error",
+    "read_llama_style",
+    "write_llama_style",
+]
 
 PLAIN_DECODER: dict[str, Any] = dict(
     normalization="RMSNorm", gated_linear_unit=True, activation_func="silu", position_embedding_type="rope",
@@ -137,6 +150,26 @@ def write_llama_style(provider: GPTModelProvider) -> dict[str, Any]:
     """The inverse of `read_llama_style`."""
     return {**write_common(provider), "hidden_act": "silu",
             "rope_parameters": rope_parameters(provider.rotary_base, provider.rope_scaling)}
+
+
+def llama_style_rows(*, qkv_bias: bool, proj_bias: bool, mlp_bias: bool,
+                     qk_layernorm: bool = False) -> tuple[NameMapping, ...]:
+    """Our tensor names against a Llama-style checkpoint's: `post_attention_layernorm` is the norm before
+    the MLP, biases only where asked, and with `qk_layernorm` the per-head `q_norm` / `k_norm`."""
+    qk_norms = (
+        layer_row("self_attention.q_layernorm.weight", "self_attn.q_norm.weight"),
+        layer_row("self_attention.k_layernorm.weight", "self_attn.k_norm.weight"),
+    ) if qk_layernorm else ()
+    return (
+        EMBEDDING_ROW,
+        layer_row("input_layernorm.weight", "input_layernorm.weight"),
+        *attention_rows(qkv_bias=qkv_bias, proj_bias=proj_bias),
+        *qk_norms,
+        layer_row("pre_mlp_layernorm.weight", "post_attention_layernorm.weight"),
+        *mlp_rows(bias=mlp_bias),
+        FINAL_NORM_ROW,
+        OUTPUT_ROW,
+    )
 
 
 def no_family_error(provider: GPTModelProvider, families: tuple[ModelFamily, ...]) -> ConversionError:

@@ -8,16 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from megatron.bridge.models.conversion.family import PLAIN_DECODER, ModelFamily, read_llama_style, write_llama_style
-from megatron.bridge.models.conversion.hf_config import ConfigKeys
-from megatron.bridge.models.conversion.param_mapping import (
-    EMBEDDING_ROW,
-    FINAL_NORM_ROW,
-    OUTPUT_ROW,
-    attention_rows,
-    layer_row,
-    mlp_rows,
+from megatron.bridge.models.conversion.family import (
+    PLAIN_DECODER,
+    ModelFamily,
+    llama_style_rows,
+    read_llama_style,
+    write_llama_style,
 )
+from megatron.bridge.models.conversion.hf_config import ConfigKeys
 from megatron.bridge.models.gpt_provider import GPTModelProvider
 from megatron.bridge.models.llama.llama_provider import (
     Llama3ModelProvider8B,
@@ -30,15 +28,7 @@ from megatron.bridge.utils.errors import ConfigError, config_error
 
 __all__ = ["LLAMA", "NAME_ROWS", "read_config", "write_config"]
 
-NAME_ROWS = (
-    EMBEDDING_ROW,
-    layer_row("input_layernorm.weight", "input_layernorm.weight"),
-    *attention_rows(qkv_bias=True, proj_bias=True),
-    layer_row("pre_mlp_layernorm.weight", "post_attention_layernorm.weight"),
-    *mlp_rows(bias=True),
-    FINAL_NORM_ROW,
-    OUTPUT_ROW,
-)
+NAME_ROWS = llama_style_rows(qkv_bias=True, proj_bias=True, mlp_bias=True)
 """Our names against Llama's (biases only with `attention_bias` / `mlp_bias`); `post_attention_layernorm`
 is the norm before the MLP."""
 

@@ -9,30 +9,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from megatron.bridge.models.conversion.family import PLAIN_DECODER, ModelFamily, read_llama_style, write_llama_style
-from megatron.bridge.models.conversion.hf_config import ConfigKeys, read_sliding_window
-from megatron.bridge.models.conversion.param_mapping import (
-    EMBEDDING_ROW,
-    FINAL_NORM_ROW,
-    OUTPUT_ROW,
-    attention_rows,
-    layer_row,
-    mlp_rows,
+from megatron.bridge.models.conversion.family import (
+    PLAIN_DECODER,
+    ModelFamily,
+    llama_style_rows,
+    read_llama_style,
+    write_llama_style,
 )
+from megatron.bridge.models.conversion.hf_config import ConfigKeys, read_sliding_window
 from megatron.bridge.models.gpt_provider import GPTModelProvider
 from megatron.bridge.models.mistral.mistral_provider import MistralModelProvider, MistralModelProvider7B
 
 __all__ = ["MISTRAL", "NAME_ROWS", "read_config", "write_config"]
 
-NAME_ROWS = (
-    EMBEDDING_ROW,
-    layer_row("input_layernorm.weight", "input_layernorm.weight"),
-    *attention_rows(qkv_bias=False, proj_bias=False),
-    layer_row("pre_mlp_layernorm.weight", "post_attention_layernorm.weight"),
-    *mlp_rows(bias=False),
-    FINAL_NORM_ROW,
-    OUTPUT_ROW,
-)
+NAME_ROWS = llama_style_rows(qkv_bias=False, proj_bias=False, mlp_bias=False)
 """Our names against Mistral's; `post_attention_layernorm` is the norm before the MLP."""
 
 _DEFAULT_WINDOW = 4096  # transformers' MistralConfig default when config.json has no sliding_window key

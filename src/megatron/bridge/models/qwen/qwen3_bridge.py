@@ -9,16 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from megatron.bridge.models.conversion.family import PLAIN_DECODER, ModelFamily, read_llama_style, write_llama_style
-from megatron.bridge.models.conversion.hf_config import ConfigKeys, refuse_sliding_windows, write_layer_types
-from megatron.bridge.models.conversion.param_mapping import (
-    EMBEDDING_ROW,
-    FINAL_NORM_ROW,
-    OUTPUT_ROW,
-    attention_rows,
-    layer_row,
-    mlp_rows,
+from megatron.bridge.models.conversion.family import (
+    PLAIN_DECODER,
+    ModelFamily,
+    llama_style_rows,
+    read_llama_style,
+    write_llama_style,
 )
+from megatron.bridge.models.conversion.hf_config import ConfigKeys, refuse_sliding_windows, write_layer_types
 from megatron.bridge.models.gpt_provider import GPTModelProvider
 from megatron.bridge.models.qwen.qwen3_provider import (
     Qwen3ModelProvider,
@@ -32,17 +30,7 @@ from megatron.bridge.models.qwen.qwen3_provider import (
 
 __all__ = ["NAME_ROWS", "QWEN3", "read_config", "write_config"]
 
-NAME_ROWS = (
-    EMBEDDING_ROW,
-    layer_row("input_layernorm.weight", "input_layernorm.weight"),
-    *attention_rows(qkv_bias=False, proj_bias=False),
-    layer_row("self_attention.q_layernorm.weight", "self_attn.q_norm.weight"),
-    layer_row("self_attention.k_layernorm.weight", "self_attn.k_norm.weight"),
-    layer_row("pre_mlp_layernorm.weight", "post_attention_layernorm.weight"),
-    *mlp_rows(bias=False),
-    FINAL_NORM_ROW,
-    OUTPUT_ROW,
-)
+NAME_ROWS = llama_style_rows(qkv_bias=False, proj_bias=False, mlp_bias=False, qk_layernorm=True)
 """Our names against Qwen3's; `post_attention_layernorm` is the norm before the MLP."""
 
 
