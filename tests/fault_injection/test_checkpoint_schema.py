@@ -7,7 +7,6 @@ foreign writer would: the checksums pass, so the schema is what must refuse it.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,20 +17,6 @@ from checkpoint_faults import expect_refused, train
 from megatron.bridge.checkpoint import integrity as checkpoint_integrity
 
 ITERATION = "iter_0000004"
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    save = tmp_path_factory.mktemp("schema") / "ckpt"
-    train(save)
-    return save
-
-
-@pytest.fixture
-def root(tmp_path, trained) -> Path:
-    copy = tmp_path / "ckpt"
-    shutil.copytree(trained, copy)
-    return copy
 
 
 def _set(path: tuple, value: Any) -> Callable[[Any], Any]:

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from checkpoint_faults import expect_refused, train
+from checkpoint_faults import expect_refused
 
 from megatron.bridge.checkpoint import integrity as checkpoint_integrity
 from megatron.bridge.checkpoint import io as checkpoint_io
@@ -21,20 +21,6 @@ from megatron.bridge.utils.errors import UserError
 from megatron.bridge.utils.paths import resolve_inside
 
 ITERATION = "iter_0000004"
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    save = tmp_path_factory.mktemp("escapes") / "ckpt"
-    train(save)
-    return save
-
-
-@pytest.fixture
-def root(tmp_path, trained) -> Path:
-    copy = tmp_path / "ckpt"
-    shutil.copytree(trained, copy)
-    return copy
 
 
 def point_index_at(directory: Path, relative_path: str, *, offset_shift: int = 0) -> None:
